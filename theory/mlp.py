@@ -26,12 +26,12 @@ W_STD = float(np.sqrt(2.0))
 Model = Callable[..., jax.Array]
 
 
-def init_mlp(key: jax.Array, d_in: int, width: int, depth: int) -> dict:
+def init_mlp(key: jax.Array, d_in: int, width: int, depth: int, dtype=None) -> dict:
     """Draw ``{"body": [W_1..W_L], "head": w}`` with standard-normal entries."""
     keys = jax.random.split(key, depth + 1)
     dims = [d_in] + [width] * depth
-    body = [jax.random.normal(keys[i], (dims[i], dims[i + 1])) for i in range(depth)]
-    return {"body": body, "head": jax.random.normal(keys[-1], (width,))}
+    body = [jax.random.normal(keys[i], (dims[i], dims[i + 1]), dtype) for i in range(depth)]
+    return {"body": body, "head": jax.random.normal(keys[-1], (width,), dtype)}
 
 
 def features(body: list, x: jax.Array) -> jax.Array:

@@ -34,7 +34,7 @@ def adapt_head(model: Model, body, head, body0, head0, xs, ys, lam: float, tau: 
 
     def step(h, _):
         g = jax.grad(lambda hh: _sq(model(body, hh, body0, head0, xs), ys))(h)
-        return h - lam * g, None
+        return (h - lam * g).astype(h.dtype), None
 
     head, _ = jax.lax.scan(step, head, None, length=tau)
     return head
@@ -60,7 +60,7 @@ def train_anil(model: Model, params0, xs, ys, xq, yq, lam, tau: int, lr, steps: 
 
     def step(p, _):
         val, g = jax.value_and_grad(loss)(p)
-        return jax.tree_util.tree_map(lambda a, b: a - lr * b, p, g), val
+        return jax.tree_util.tree_map(lambda a, b: (a - lr * b).astype(a.dtype), p, g), val
 
     params, losses = jax.lax.scan(step, params0, None, length=steps)
     return params, loss(params), losses
@@ -85,7 +85,7 @@ def train_mtl(model: Model, body0, heads0, x, y, lr, steps: int):
 
     def step(p, _):
         val, g = jax.value_and_grad(loss)(p)
-        return jax.tree_util.tree_map(lambda a, b: a - lr * b, p, g), val
+        return jax.tree_util.tree_map(lambda a, b: (a - lr * b).astype(a.dtype), p, g), val
 
     params, losses = jax.lax.scan(step, (body0, heads0), None, length=steps)
     return params, loss(params), losses
