@@ -1,0 +1,81 @@
+"""Shared defaults for every run. Config files in ``configs/`` start from :func:`get_config` and
+override. Every key the code reads is declared here; configs are locked, so a misspelt key fails.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config(algorithm: str = "mtl") -> ml_collections.ConfigDict:
+    """Defaults (Omniglot, Conv4) plus the algorithm's own section ``config.algo``."""
+    from mtl_gbml import algorithms  # late import: algorithms import models, not configs
+
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.algorithm = algorithm
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "omniglot"
+    c.data.protocol = "vinyals"  # 'vinyals' (1028/172/423 characters) or 'lake' (background/eval)
+    c.data.rotations = True  # rotations by 90/180/270 degrees are new classes (Vinyals protocol)
+    c.data.data_dir = ""  # raw archives + split files; '' = $MTL_GBML_DATA_DIR
+    c.data.tfds_dir = ""  # where TFDS keeps prepared data; '' = TFDS default ($TFDS_DATA_DIR)
+    c.data.ways = 20
+    c.data.shots = 1
+    c.data.queries = 15
+    c.data.tasks_per_step = 16
+    c.data.augment = "none"  # 'none' | 'shift' (random translation by up to data.shift pixels)
+    c.data.shift = 2
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "conv4"
+    c.model.width = 64
+    c.model.pool_last = True
+    c.model.conv_impl = "xla"  # conv4 only: 'xla' | 'im2col'
+    c.model.dtype = "float32"
+    c.model.bn_mode = "inductive"  # test-time BatchNorm: 'inductive' (running) | 'transductive'
+    c.model.resnet_widths = (64, 160, 320, 640)
+    c.model.drop_rate = 0.1
+    c.model.dropblock_size = 5
+    c.model.remat = False
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adam"  # 'adam' | 'radam' | 'sgd' (momentum)
+    c.optimizer.lr = 1e-3
+    c.optimizer.momentum = 0.9
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.schedule = "constant"  # 'constant' | 'cosine' | 'step'
+    c.optimizer.warmup_steps = 0
+    c.optimizer.decay_steps = ()  # for 'step': multiply lr by decay_factor at these steps
+    c.optimizer.decay_factor = 0.1
+    c.optimizer.grad_clip = 0.0  # global-norm clip; 0 = off
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.time_budget_s = (
+        0.0  # stop (checkpoint, then evaluate) after this much training; 0 = off
+    )
+    c.train.log_every = 50
+    c.train.eval_every = 500  # validation during training; 0 = off
+    c.train.val_split = "val"
+    c.train.val_episodes = 1000
+    c.train.val_setting = ""  # e.g. '20w1s'; '' = the training ways and shots
+    c.train.nonfinite = "raise"  # 'raise' | 'skip': what to do with a NaN/Inf loss or gradient
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 500
+    c.checkpoint.keep = 2
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.settings = ("5w1s", "5w5s", "20w1s", "20w5s")
+    c.eval.episodes = 10000
+    c.eval.queries = 15
+    c.eval.split = "test"
+    c.eval.batch = 500  # episodes per vmapped evaluation batch
+    c.eval.use_best = True  # evaluate the best-validation parameters when validation ran
+    c.eval.logreg_c = 3.0  # inverse L2 strength of the test-time logistic regression (sklearn C)
+    c.eval.logreg_steps = 300
+
+    c.algo = algorithms.default_config(algorithm)
+    return c

@@ -1,0 +1,141 @@
+"""Device-resident image pool and the jitted episode sampler (fixed shapes, deterministic in rng).
+
+Classes are columns of a table of image indices; a class may be a rotation (by ``class_rot`` quarter
+turns) of stored images, so Omniglot's rotated classes cost no memory. A task's labels are
+0..N-1 in sampling order and ``class_ids`` keeps the global class ids (split-local), so the
+label -> class mapping is a bijection by construction.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class ImagePool(NamedTuple):
+    images: jax.Array  # uint8 [num_images, H, W, C]
+    class_table: jax.Array  # int32 [num_classes, max_per_class]: indices into images (padded)
+    class_counts: jax.Array  # int32 [num_classes]: valid entries per row of class_table
+    class_rot: jax.Array  # int32 [num_classes]: quarter turns applied to the class's images
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.class_table.shape[0])
+
+    @property
+    def min_per_class(self) -> int:
+        return int(np.min(np.asarray(self.class_counts)))
+
+
+class Tasks(NamedTuple):
+    support_x: jax.Array  # [T, N*K, H, W, C]
+    support_y: jax.Array  # [T, N*K] in 0..N-1, class-major
+    query_x: jax.Array  # [T, N*Q, H, W, C]
+    query_y: jax.Array  # [T, N*Q]
+    class_ids: jax.Array  # [T, N] global class ids, in label order
+
+
+def make_pool(
+    images: np.ndarray, labels: np.ndarray, rotations: bool = False, device=None
+) -> ImagePool:
+    """Pool from images [M, H, W, C] uint8 and integer labels [M] (any ids; sorted order kept).
+
+    With ``rotations``, every class appears four times (0, 90, 180, 270 degrees): class
+    ``4 * c + r`` is class ``c`` turned ``r`` quarter turns.
+    """
+    labels = np.asarray(labels)
+    uniq = np.unique(labels)
+    rows = [np.flatnonzero(labels == u) for u in uniq]
+    width = max(len(r) for r in rows)
+    table = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        table[i, : len(r)] = r
+    counts = np.array([len(r) for r in rows], np.int32)
+    rot = np.zeros(len(rows), np.int32)
+    if rotations:
+        if images.shape[1] != images.shape[2]:
+            raise ValueError(f"rotations need square images, got {images.shape[1:3]}")
+        table, counts = np.repeat(table, 4, axis=0), np.repeat(counts, 4)
+        rot = np.tile(np.arange(4, dtype=np.int32), len(rows))
+    put = (lambda a: jax.device_put(a, device)) if device is not None else jnp.asarray
+    return ImagePool(put(images), put(table), put(counts), put(rot))
+
+
+def sample_indices(
+    rng: jax.Array, class_counts: jax.Array, max_per_class: int, ways: int, per_class: int
+) -> tuple[jax.Array, jax.Array]:
+    """``ways`` distinct classes and ``per_class`` distinct within-class positions for each."""
+    k_cls, k_img = jax.random.split(rng)
+    num_classes = class_counts.shape[0]
+    classes = jnp.argsort(jax.random.uniform(k_cls, (num_classes,)))[:ways]
+    keys = jax.random.uniform(k_img, (ways, max_per_class))
+    valid = jnp.arange(max_per_class)[None, :] < class_counts[classes][:, None]
+    keys = jnp.where(valid, keys, 2.0)
+    pos = jnp.argsort(keys, axis=1)[:, :per_class]
+    return classes, pos
+
+
+def rotate_quarters(x: jax.Array, k: jax.Array) -> jax.Array:
+    """Rotate images [..., H, W, C] by ``k`` (traced) quarter turns."""
+    branches = [lambda a, r=r: jnp.rot90(a, r, axes=(-3, -2)) for r in range(4)]
+    return jax.lax.switch(k % 4, branches, x)
+
+
+def sample_task(pool: ImagePool, rng: jax.Array, ways: int, shots: int, queries: int) -> Tasks:
+    """One task (no leading task axis); images stay uint8."""
+    classes, pos = sample_indices(
+        rng, pool.class_counts, pool.class_table.shape[1], ways, shots + queries
+    )
+    ids = pool.class_table[classes[:, None], pos]  # [N, K+Q]
+    imgs = pool.images[ids]  # [N, K+Q, H, W, C]
+    imgs = jax.vmap(rotate_quarters)(imgs, pool.class_rot[classes])
+    h, w, c = imgs.shape[2:]
+    labels = jnp.arange(ways, dtype=jnp.int32)
+    return Tasks(
+        support_x=imgs[:, :shots].reshape(ways * shots, h, w, c),
+        support_y=jnp.repeat(labels, shots),
+        query_x=imgs[:, shots:].reshape(ways * queries, h, w, c),
+        query_y=jnp.repeat(labels, queries),
+        class_ids=classes.astype(jnp.int32),
+    )
+
+
+def sample_tasks(
+    pool: ImagePool, rng: jax.Array, ways: int, shots: int, queries: int, num_tasks: int
+) -> Tasks:
+    """``num_tasks`` independent tasks, leading axis T. Pure: the same rng gives the same tasks."""
+    keys = jax.random.split(rng, num_tasks)
+    return jax.vmap(lambda k: sample_task(pool, k, ways, shots, queries))(keys)
+
+
+def to_float(x: jax.Array) -> jax.Array:
+    """uint8 images -> float32 in [0, 1]."""
+    return x.astype(jnp.float32) / 255.0
+
+
+def random_shift(rng: jax.Array, x: jax.Array, max_shift: int) -> jax.Array:
+    """Translate each image [..., H, W, C] by up to ``max_shift`` pixels (zero fill)."""
+    lead = x.shape[:-3]
+    h, w, c = x.shape[-3:]
+    flat = x.reshape((-1, h, w, c))
+    pad = jnp.pad(flat, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+    offs = jax.random.randint(rng, (flat.shape[0], 2), 0, 2 * max_shift + 1)
+
+    def crop(img, o):
+        return jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c))
+
+    return jax.vmap(crop)(pad, offs).reshape(lead + (h, w, c))
+
+
+def prepare_tasks(tasks: Tasks, rng: jax.Array, augment: str, shift: int) -> Tasks:
+    """uint8 -> float and training augmentation, inside the jitted step."""
+    sx, qx = to_float(tasks.support_x), to_float(tasks.query_x)
+    if augment == "shift":
+        k1, k2 = jax.random.split(rng)
+        sx, qx = random_shift(k1, sx, shift), random_shift(k2, qx, shift)
+    elif augment != "none":
+        raise ValueError(f"data.augment={augment!r}; choose 'none' or 'shift'")
+    return tasks._replace(support_x=sx, query_x=qx)

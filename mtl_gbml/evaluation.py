@@ -1,0 +1,150 @@
+"""Few-shot evaluation: mean accuracy and 95% confidence interval over many episodes.
+
+Two paths, chosen per algorithm and BatchNorm mode (never mixed silently):
+- cached features (frozen-backbone algorithms with inductive BatchNorm): embed every image of the
+  split once, then sample episodes over the cached features and fit each episode's head, vmapped
+  over a batch of episodes; 10,000 episodes take seconds.
+- per episode (whole-network adaptation, or transductive BatchNorm): sample image episodes and
+  vmap the algorithm's ``adapt_and_predict`` over a batch of them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtl_gbml.algorithms.base import Algorithm
+from mtl_gbml.data.sampler import ImagePool, rotate_quarters, sample_indices, sample_tasks, to_float
+
+_SETTING = re.compile(r"^(\d+)w(\d+)s$")
+
+
+def parse_setting(s: str) -> tuple[int, int]:
+    """'20w1s' -> (20, 1)."""
+    m = _SETTING.match(s)
+    if not m:
+        raise ValueError(
+            f"evaluation setting {s!r} is not of the form '<ways>w<shots>s', e.g. '5w1s'"
+        )
+    return int(m.group(1)), int(m.group(2))
+
+
+def setting_key(ways: int, shots: int) -> str:
+    return f"{ways}way{shots}shot"
+
+
+def summarize(per_episode: np.ndarray) -> dict[str, float]:
+    """Mean and 95% CI half-width (normal approximation), in percent."""
+    acc = 100.0 * np.asarray(per_episode, np.float64)
+    ci = 1.96 * acc.std(ddof=1) / np.sqrt(len(acc)) if len(acc) > 1 else float("nan")
+    return {"accuracy": float(acc.mean()), "ci95": float(ci), "episodes": int(len(acc))}
+
+
+def embed_pool(embed_fn, params: Any, state: Any, pool: ImagePool, chunk: int = 64) -> jax.Array:
+    """Features [num_classes, max_per_class, D] of every (class, image) of the pool."""
+
+    @jax.jit
+    def embed_classes(table_rows, rots):
+        imgs = pool.images[table_rows]  # [c, M, H, W, C]
+        imgs = jax.vmap(rotate_quarters)(imgs, rots)
+        c, m = table_rows.shape
+        f = embed_fn(params, state, to_float(imgs.reshape((c * m,) + imgs.shape[2:])))
+        return f.reshape(c, m, -1)
+
+    n = pool.num_classes
+    table, rots = np.asarray(pool.class_table), np.asarray(pool.class_rot)
+    pad = (-n) % chunk
+    table = np.concatenate([table, np.repeat(table[:1], pad, 0)])
+    rots = np.concatenate([rots, np.repeat(rots[:1], pad, 0)])
+    out = [
+        embed_classes(table[i : i + chunk], rots[i : i + chunk])
+        for i in range(0, len(table), chunk)
+    ]
+    return jnp.concatenate(out)[:n]
+
+
+def _cached_episode_accuracy(algorithm, params, feats, counts, ways, shots, queries):
+    def one(rng):
+        classes, pos = sample_indices(rng, counts, feats.shape[1], ways, shots + queries)
+        f = feats[classes[:, None], pos]  # [N, K+Q, D]
+        sf = f[:, :shots].reshape(ways * shots, -1)
+        qf = f[:, shots:].reshape(ways * queries, -1)
+        sy = jnp.repeat(jnp.arange(ways), shots)
+        qy = jnp.repeat(jnp.arange(ways), queries)
+        logits = algorithm.predict_from_features(params, sf, sy, qf, ways)
+        return (logits.argmax(-1) == qy).mean()
+
+    return jax.jit(jax.vmap(one))
+
+
+def _episode_accuracy(algorithm, params, state, pool, ways, shots, queries):
+    def batch(rng, size):
+        k_tasks, k_adapt = jax.random.split(rng)
+        tasks = sample_tasks(pool, k_tasks, ways, shots, queries, size)
+        adapt_keys = jax.random.split(k_adapt, size)
+
+        def one(sx, sy, qx, qy, k):
+            logits = algorithm.adapt_and_predict(
+                params, state, to_float(sx), sy, to_float(qx), ways, k
+            )
+            return (logits.argmax(-1) == qy).mean()
+
+        return jax.vmap(one)(
+            tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y, adapt_keys
+        )
+
+    return jax.jit(batch, static_argnums=1)
+
+
+def evaluate(
+    algorithm: Algorithm,
+    params: Any,
+    state: Any,
+    pool: ImagePool,
+    settings: list[tuple[int, int]],
+    *,
+    episodes: int,
+    queries: int,
+    batch: int,
+    rng: jax.Array,
+    bn_mode: str,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """{'<N>way<K>shot': {'accuracy', 'ci95', 'episodes'}} for each (ways, shots) setting."""
+    cached = algorithm.frozen_backbone and bn_mode == "inductive"
+    feats = embed_pool(algorithm.embed, params, state, pool) if cached else None
+    out = {}
+    for i, (ways, shots) in enumerate(settings):
+        if ways > pool.num_classes:
+            raise ValueError(f"{ways}-way evaluation but the split has {pool.num_classes} classes")
+        if shots + queries > pool.min_per_class:
+            raise ValueError(
+                f"{shots} shots + {queries} queries exceed the {pool.min_per_class} images of the "
+                "smallest class of the split; lower eval.queries"
+            )
+        key = jax.random.fold_in(rng, i)
+        accs = []
+        sizes = [min(batch, episodes - s) for s in range(0, episodes, batch)]
+        if cached:
+            fn = _cached_episode_accuracy(
+                algorithm, params, feats, pool.class_counts, ways, shots, queries
+            )
+        else:
+            fn = _episode_accuracy(algorithm, params, state, pool, ways, shots, queries)
+        it = enumerate(sizes)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(list(it), desc=f"eval {ways}w{shots}s", leave=False)
+        for j, size in it:
+            k = jax.random.fold_in(key, j)
+            if cached:
+                accs.append(np.asarray(fn(jax.random.split(k, size))))
+            else:
+                accs.append(np.asarray(fn(k, size)))
+        out[setting_key(ways, shots)] = summarize(np.concatenate(accs))
+    return out

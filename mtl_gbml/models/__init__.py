@@ -1,0 +1,88 @@
+"""Backbones by name. Each is a pure Flax linen module mapping images [B, H, W, C] to features [B, D].
+
+Call ``model.apply`` through :func:`mtl_gbml.models.forward`, which makes the BatchNorm mode explicit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mtl_gbml.models.conv4 import Conv4
+from mtl_gbml.models.resnet12 import ResNet12
+
+BN_MODES = ("inductive", "transductive")
+
+_REGISTRY: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
+    "conv4": lambda c: Conv4(
+        width=c.width, pool_last=c.pool_last, dtype=jnp.dtype(c.dtype), conv_impl=c.conv_impl
+    ),
+    "resnet12": lambda c: ResNet12(
+        widths=tuple(c.resnet_widths),
+        drop_rate=c.drop_rate,
+        dropblock_size=c.dropblock_size,
+        dtype=jnp.dtype(c.dtype),
+        remat=c.remat,
+    ),
+}
+
+
+def names() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def build(model_config: ml_collections.ConfigDict) -> nn.Module:
+    """The backbone named by ``model_config.name``."""
+    if model_config.name not in _REGISTRY:
+        raise ValueError(
+            f"model.name={model_config.name!r} is unknown; choose one of {list(names())}"
+        )
+    return _REGISTRY[model_config.name](model_config)
+
+
+def forward(
+    model: nn.Module,
+    params: Any,
+    state: Any,
+    x: jax.Array,
+    *,
+    train: bool,
+    bn_mode: str = "inductive",
+    rng: jax.Array | None = None,
+) -> tuple[jax.Array, Any]:
+    """Features of ``x`` and the (possibly updated) BatchNorm state.
+
+    ``train=True``: batch statistics, running statistics updated, dropout/DropBlock active.
+    ``train=False, bn_mode='inductive'``: running statistics, state unchanged.
+    ``train=False, bn_mode='transductive'``: statistics of this batch (e.g. one task), state unchanged.
+    """
+    variables = {"params": params, **state}
+    rngs = {"dropout": rng} if (train and rng is not None) else {}
+    if train:
+        feats, new_state = model.apply(
+            variables, x, train=True, use_batch_stats=True, rngs=rngs, mutable=["batch_stats"]
+        )
+        return feats, dict(new_state)
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode={bn_mode!r}; choose one of {BN_MODES}")
+    if bn_mode == "transductive":
+        feats, _ = model.apply(
+            variables, x, train=False, use_batch_stats=True, mutable=["batch_stats"]
+        )
+        return feats, state
+    return model.apply(variables, x, train=False, use_batch_stats=False), state
+
+
+def init(model: nn.Module, rng: jax.Array, example_x: jax.Array) -> tuple[Any, dict]:
+    """(params, state) of ``model`` for inputs shaped like ``example_x``."""
+    variables = model.init(
+        {"params": rng, "dropout": rng}, example_x, train=False, use_batch_stats=False
+    )
+    variables = dict(variables)
+    params = variables.pop("params")
+    return params, variables

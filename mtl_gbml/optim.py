@@ -1,0 +1,44 @@
+"""optax optimizers and learning-rate schedules from ``config.optimizer``."""
+
+from __future__ import annotations
+
+import ml_collections
+import optax
+
+OPTIMIZERS = ("adam", "radam", "sgd")
+SCHEDULES = ("constant", "cosine", "step")
+
+
+def schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    if c.schedule == "constant":
+        main = optax.constant_schedule(c.lr)
+    elif c.schedule == "cosine":
+        main = optax.cosine_decay_schedule(c.lr, max(total_steps - c.warmup_steps, 1))
+    elif c.schedule == "step":
+        main = optax.piecewise_constant_schedule(
+            c.lr, {int(s) - c.warmup_steps: c.decay_factor for s in c.decay_steps}
+        )
+    else:
+        raise ValueError(f"optimizer.schedule={c.schedule!r}; choose one of {SCHEDULES}")
+    if c.warmup_steps:
+        warm = optax.linear_schedule(0.0, c.lr, c.warmup_steps)
+        return optax.join_schedules([warm, main], [c.warmup_steps])
+    return main
+
+
+def make(c: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    lr = schedule(c, total_steps)
+    if c.name == "adam":
+        opt = optax.adam(lr)
+    elif c.name == "radam":
+        opt = optax.radam(lr)
+    elif c.name == "sgd":
+        opt = optax.sgd(lr, momentum=c.momentum, nesterov=True)
+    else:
+        raise ValueError(f"optimizer.name={c.name!r}; choose one of {OPTIMIZERS}")
+    parts = []
+    if c.grad_clip:
+        parts.append(optax.clip_by_global_norm(c.grad_clip))
+    if c.weight_decay:
+        parts.append(optax.add_decayed_weights(c.weight_decay))
+    return optax.chain(*parts, opt)

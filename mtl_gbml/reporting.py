@@ -1,0 +1,81 @@
+"""What a run leaves in its workdir: metrics.jsonl (+ TensorBoard), results.json and results.md."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def params_digest(params: Any) -> str:
+    """sha256 over the parameters' bytes, leaves in tree order: equal digests = identical weights."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h.hexdigest()
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step; on resume, drops lines past the restored step."""
+
+    def __init__(self, workdir: str, resume_step: int, tensorboard: bool = True) -> None:
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(self.path):
+            keep = []
+            for line in open(self.path):
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        keep.append(line)
+                except (json.JSONDecodeError, KeyError):
+                    continue  # a torn last line from a killed run
+            with open(self.path, "w") as f:
+                f.writelines(keep)
+        self.tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(
+                os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1
+            )
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def results_markdown(results: dict) -> str:
+    lines = [
+        f"# {results['algorithm']} on {results['dataset']} ({results['backbone']}, "
+        f"BatchNorm {results['bn_mode']})",
+        "",
+        f"Trained {results['train']['steps']} steps in {results['train']['wall_s']:.0f} s on "
+        f"{results['devices']} device(s). params_digest `{results['train']['params_digest'][:16]}`",
+        "",
+        "| setting | split | accuracy % | 95% CI | episodes |",
+        "|---|---|---|---|---|",
+    ]
+    for k, v in results["eval"].items():
+        lines.append(
+            f"| {k} | {v['split']} | {v['accuracy']:.2f} | ±{v['ci95']:.2f} | {v['episodes']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(workdir: str, results: dict) -> None:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(results_markdown(results))

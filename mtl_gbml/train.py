@@ -1,0 +1,382 @@
+"""Train and evaluate one config: ``python -m mtl_gbml.train --config configs/omniglot/mtl.py --workdir DIR``.
+
+Sampling, augmentation, the algorithm's meta-loss and the optax update run in one jitted step that
+compiles once; the host only syncs every ``train.log_every`` steps. Rerunning with the same workdir
+resumes from the last checkpoint and gives the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mtl_gbml import algorithms, models, optim
+from mtl_gbml.checkpointing import Checkpointer
+from mtl_gbml.config_validation import ConfigError, validate
+from mtl_gbml.data import datasets
+from mtl_gbml.data.sampler import prepare_tasks, sample_tasks
+from mtl_gbml.evaluation import evaluate, parse_setting
+from mtl_gbml.reporting import MetricsWriter, params_digest, write_results
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    model_state: Any
+    opt_state: Any
+    best_params: Any
+    best_model_state: Any
+    best_val: jax.Array
+    best_step: jax.Array
+    wall_s: jax.Array
+    loss_sum: jax.Array
+    acc_sum: jax.Array
+    count: jax.Array
+    skipped: jax.Array
+    bad_loss_step: jax.Array  # first step with a non-finite loss, -1 if none
+    bad_grad_step: jax.Array  # first step with a non-finite gradient, -1 if none
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or gradient became NaN/Inf; the message names the step and the quantity."""
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_mesh() -> Mesh:
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def make_train_step(algorithm, tx, config: ml_collections.ConfigDict, mesh: Mesh):
+    d = config.data
+    task_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    skip = config.train.nonfinite == "skip"
+
+    def step(ts: TrainState, pool, base_key: jax.Array) -> TrainState:
+        rng = jax.random.fold_in(base_key, ts.step)  # no rng in the state: resume is exact
+        k_sample, k_aug, k_loss = jax.random.split(rng, 3)
+        tasks = sample_tasks(pool, k_sample, d.ways, d.shots, d.queries, d.tasks_per_step)
+        tasks = jax.lax.with_sharding_constraint(tasks, task_sharding)
+        tasks = prepare_tasks(tasks, k_aug, d.augment, d.shift)
+        (loss, (model_state, metrics)), grads = jax.value_and_grad(
+            algorithm.meta_loss, has_aux=True
+        )(ts.params, ts.model_state, tasks, k_loss)
+        updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
+        params = jax.tree.map(jnp.add, ts.params, updates)
+        loss_ok, grad_ok = jnp.isfinite(loss), _all_finite(grads)
+        ok = loss_ok & grad_ok
+        if skip:
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+            params = keep(params, ts.params)
+            opt_state = keep(opt_state, ts.opt_state)
+            model_state = keep(model_state, ts.model_state)
+        first = lambda cur, good: jnp.where((cur < 0) & ~good, ts.step, cur)
+        return ts.replace(
+            step=ts.step + 1,
+            params=params,
+            model_state=model_state,
+            opt_state=opt_state,
+            loss_sum=ts.loss_sum + jnp.where(ok, loss, 0.0),
+            acc_sum=ts.acc_sum + jnp.where(ok, metrics["accuracy"], 0.0),
+            count=ts.count + ok.astype(jnp.int32),
+            skipped=ts.skipped + (~ok).astype(jnp.int32),
+            bad_loss_step=first(ts.bad_loss_step, loss_ok),
+            bad_grad_step=first(ts.bad_grad_step, grad_ok),
+        )
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def _check_config_matches(workdir: str, config: ml_collections.ConfigDict) -> None:
+    path = os.path.join(workdir, "config.json")
+    new = json.loads(config.to_json_best_effort())
+    if os.path.exists(path):
+        old = json.load(open(path))
+        diffs = [
+            f"{sec}.{k}" if isinstance(new.get(sec), dict) else sec
+            for sec in sorted(set(old) | set(new))
+            if sec != "eval"
+            for k in (
+                sorted(set(old.get(sec, {})) | set(new.get(sec, {})))
+                if isinstance(new.get(sec), dict)
+                else [None]
+            )
+            if (old.get(sec, {}).get(k) if k else old.get(sec))
+            != (new.get(sec, {}).get(k) if k else new.get(sec))
+        ]
+        if diffs:
+            raise ConfigError(
+                f"{workdir} holds a run with a different config (differs in {diffs}); resuming "
+                "would mix two runs. Use a new --workdir, or the original config."
+            )
+    with open(path, "w") as f:
+        json.dump(new, f, indent=2)
+
+
+def _scalar(x, dtype=jnp.float32):
+    return jnp.asarray(x, dtype)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint), evaluate, write results."""
+    validate(config)  # before anything loads or compiles
+    os.makedirs(workdir, exist_ok=True)
+    _check_config_matches(workdir, config)
+    t_start = time.time()
+
+    mesh = make_mesh()
+    replicated = NamedSharding(mesh, PartitionSpec())
+    train_pool = jax.device_put(datasets.load_pool(config.data, "train"), replicated)
+    model = models.build(config.model)
+    algorithm = algorithms.build(config.algorithm, model, config, train_pool.num_classes)
+    tx = optim.make(config.optimizer, config.train.steps)
+
+    base_key = jax.random.PRNGKey(config.seed)
+    k_init, k_train, k_val, k_test = jax.random.split(base_key, 4)
+    d = config.data
+    example = prepare_tasks(
+        sample_tasks(train_pool, k_init, d.ways, d.shots, d.queries, 1), k_init, "none", 0
+    )
+    params, model_state = algorithm.init(k_init, example)
+    copy = lambda t: jax.tree.map(jnp.copy, t)
+    ts = TrainState(
+        step=_scalar(0, jnp.int32),
+        params=params,
+        model_state=model_state,
+        opt_state=tx.init(params),
+        best_params=copy(params),
+        best_model_state=copy(model_state),
+        best_val=_scalar(-1.0),
+        best_step=_scalar(-1, jnp.int32),
+        wall_s=_scalar(0.0),
+        loss_sum=_scalar(0.0),
+        acc_sum=_scalar(0.0),
+        count=_scalar(0, jnp.int32),
+        skipped=_scalar(0, jnp.int32),
+        bad_loss_step=_scalar(-1, jnp.int32),
+        bad_grad_step=_scalar(-1, jnp.int32),
+    )
+    ckpt = Checkpointer(workdir, config.checkpoint.keep)
+    start = 0
+    if ckpt.latest_step() is not None:
+        ts = ckpt.restore(ts)
+        start = int(ts.step)
+        print(f"Resumed from checkpoint at step {start} in {ckpt.directory}")
+    ts = jax.device_put(ts, replicated)
+    writer = MetricsWriter(workdir, start)
+    step_fn = make_train_step(algorithm, tx, config, mesh)
+
+    val_pool = None
+    val_ways, val_shots = parse_setting(
+        config.train.val_setting or f"{config.data.ways}w{config.data.shots}s"
+    )
+
+    def validate_now(ts: TrainState) -> TrainState:
+        nonlocal val_pool
+        if val_pool is None:
+            val_pool = jax.device_put(
+                datasets.load_pool(config.data, config.train.val_split), replicated
+            )
+        res = evaluate(
+            algorithm,
+            ts.params,
+            ts.model_state,
+            val_pool,
+            [(val_ways, val_shots)],
+            episodes=config.train.val_episodes,
+            queries=config.eval.queries,
+            batch=config.eval.batch,
+            rng=k_val,
+            bn_mode=config.model.bn_mode,
+        )
+        acc = next(iter(res.values()))["accuracy"]
+        if acc > float(ts.best_val):
+            ts = ts.replace(
+                best_params=copy(ts.params),
+                best_model_state=copy(ts.model_state),
+                best_val=_scalar(acc),
+                best_step=jnp.copy(ts.step),
+            )
+        return ts, acc
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def check_finite(ts: TrainState) -> None:
+        bl, bg = int(ts.bad_loss_step), int(ts.bad_grad_step)
+        if config.train.nonfinite == "raise" and (bl >= 0 or bg >= 0):
+            which = "loss" if bl >= 0 and (bg < 0 or bl <= bg) else "gradient"
+            at = bl if which == "loss" else bg
+            raise NonFiniteError(
+                f"non-finite {which} at step {at} (optimizer.lr={config.optimizer.lr}). The last "
+                f"good checkpoint in {ckpt.directory} is kept. Lower the learning rate, clip "
+                "gradients (optimizer.grad_clip) or set train.nonfinite='skip'."
+            )
+
+    from tqdm import tqdm
+
+    total = config.train.steps
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc=f"train {config.algorithm}",
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=2.0,
+    )
+    wall0 = float(ts.wall_s)
+    if config.train.time_budget_s > 0 and wall0 >= config.train.time_budget_s:
+        total = start  # the budget was used up before the last stop: evaluate only
+    seg_start, seg_step, t_loop = time.time(), start, time.time()
+    try:
+        for step in range(start, total):
+            ts = step_fn(ts, train_pool, k_train)
+            s = step + 1
+            log_now = s % config.train.log_every == 0 or s == total
+            eval_now = config.train.eval_every and (s % config.train.eval_every == 0 or s == total)
+            budget = config.train.time_budget_s
+            out_of_time = budget > 0 and wall0 + (time.time() - t_loop) >= budget
+            if out_of_time:  # the step that crosses the budget is the last one
+                total = s
+                log_now = True
+                eval_now = bool(config.train.eval_every)
+            ckpt_now = s % config.checkpoint.every == 0 or s == total or stop["signal"]
+            if log_now or eval_now or ckpt_now:
+                check_finite(ts)
+                now = time.time()
+                wall = wall0 + (now - t_loop)
+                ts = ts.replace(wall_s=_scalar(wall))
+            if log_now:
+                cnt = max(int(ts.count), 1)
+                rec = {
+                    "step": s,
+                    "loss": float(ts.loss_sum) / cnt,
+                    "accuracy": float(ts.acc_sum) / cnt,
+                    "steps_per_sec": (s - seg_step) / max(now - seg_start, 1e-9),
+                    "wall_s": wall,
+                    "skipped": int(ts.skipped),
+                }
+                ts = ts.replace(
+                    loss_sum=_scalar(0.0), acc_sum=_scalar(0.0), count=_scalar(0, jnp.int32)
+                )
+                seg_start, seg_step = now, s
+            if eval_now:
+                ts, acc = validate_now(ts)
+                if log_now:
+                    rec["val_accuracy"] = acc
+                else:
+                    rec = {"step": s, "val_accuracy": acc, "wall_s": wall}
+                    writer.write(rec)
+            if log_now:
+                writer.write(rec)
+                bar.set_postfix(
+                    loss=f"{rec['loss']:.3f}",
+                    acc=f"{rec['accuracy']:.3f}",
+                    **({"val": f"{rec['val_accuracy']:.2f}"} if "val_accuracy" in rec else {}),
+                )
+            bar.update(1)
+            if ckpt_now:
+                ckpt.save(s, ts)
+            if out_of_time:
+                print(f"Time budget train.time_budget_s={budget} reached at step {s}.")
+                break
+            if stop["signal"]:
+                bar.close()
+                print(
+                    f"Received signal {stop['signal']}: saved checkpoint at step {s}; rerun with "
+                    f"the same --workdir to resume."
+                )
+                raise SystemExit(0)
+    finally:
+        bar.close()
+        writer.close()
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
+
+    # evaluation
+    use_best = config.eval.use_best and int(ts.best_step) >= 0
+    eval_params = ts.best_params if use_best else ts.params
+    eval_state = ts.best_model_state if use_best else ts.model_state
+    test_pool = jax.device_put(datasets.load_pool(config.data, config.eval.split), replicated)
+    settings = [parse_setting(s) for s in config.eval.settings]
+    res = evaluate(
+        algorithm,
+        eval_params,
+        eval_state,
+        test_pool,
+        settings,
+        episodes=config.eval.episodes,
+        queries=config.eval.queries,
+        batch=config.eval.batch,
+        rng=k_test,
+        bn_mode=config.model.bn_mode,
+        progress=True,
+    )
+    for v in res.values():
+        v["split"] = config.eval.split
+    results = {
+        "algorithm": config.algorithm,
+        "dataset": f"{config.data.name}/{config.data.protocol}",
+        "backbone": config.model.name,
+        "bn_mode": config.model.bn_mode,
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "train": {
+            "steps": int(ts.step),
+            "planned_steps": config.train.steps,
+            "wall_s": float(ts.wall_s),
+            "params_digest": params_digest(ts.params),
+            "skipped_steps": int(ts.skipped),
+            "evaluated_params": f"best validation (step {int(ts.best_step)}, "
+            f"{float(ts.best_val):.2f}%)"
+            if use_best
+            else "final",
+        },
+        "eval": res,
+        "total_wall_s": time.time() - t_start,
+    }
+    write_results(workdir, results)
+    ckpt.close()
+    return results
+
+
+def main(argv=None) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    flags_ = flags.FLAGS
+    config_flags.DEFINE_config_file(
+        "config", None, "config file (path[:variant])", lock_config=True
+    )
+    flags.DEFINE_string("workdir", None, "run directory (resumes if it holds a checkpoint)")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def run(_):
+        from mtl_gbml.reporting import results_markdown
+
+        results = train_and_evaluate(flags_.config, flags_.workdir)
+        print(results_markdown(results))
+
+    app.run(run, argv=argv)
+
+
+if __name__ == "__main__":
+    main()
