@@ -1,0 +1,79 @@
+"""Shared by the frozen-backbone algorithms (anil, r2d2, metaoptnet, protonet).
+
+Training: each task's images go through the backbone as one batch (vmapped over tasks, so BatchNorm
+uses the task's own batch statistics, as in an episode of the original methods); the running
+statistics are the average of the per-task updates. The per-task head is then a function of the
+task's features only, written for one task and vmapped.
+
+Test time: ``embed`` (inductive BatchNorm; the evaluator caches the split's features) and
+``predict_from_features`` for one episode; ``adapt_and_predict`` does both for the per-episode
+path (transductive BatchNorm: the support and the query are each normalised by their own batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from mtl_gbml import models
+from mtl_gbml.algorithms.base import Algorithm, accuracy, cross_entropy
+
+
+def task_features(model, backbone, state, tasks, rng):
+    """(support features [T, ns, D], query features [T, nq, D], averaged new BatchNorm state)."""
+    x = jnp.concatenate([tasks.support_x, tasks.query_x], axis=1)
+    keys = jax.random.split(rng, x.shape[0])
+    one = lambda xi, k: models.forward(model, backbone, state, xi, train=True, rng=k)
+    feats, states = jax.vmap(one)(x, keys)
+    ns = tasks.support_x.shape[1]
+    return feats[:, :ns], feats[:, ns:], jax.tree.map(lambda s: s.mean(0), states)
+
+
+def make(
+    name: str,
+    model,
+    bn_mode: str,
+    init_head: Callable,
+    head_logits: Callable,
+) -> Algorithm:
+    """Algorithm from ``head_logits(params, support_f, support_y, query_f, ways) -> logits`` (one
+    episode, differentiable) and ``init_head(rng, dim) -> dict`` (extra meta-parameters)."""
+
+    def init(rng, example_tasks):
+        k_body, k_head = jax.random.split(rng)
+        x = example_tasks.support_x[0]
+        backbone, state = models.init(model, k_body, x)
+        dim = models.forward(model, backbone, state, x, train=False)[0].shape[-1]
+        return {"backbone": backbone, **init_head(k_head, dim)}, state
+
+    def meta_loss(params, state, tasks, rng):
+        sf, qf, new_state = task_features(model, params["backbone"], state, tasks, rng)
+        ways = tasks.class_ids.shape[1]
+
+        def one_task(sf, sy, qf, qy):
+            logits = head_logits(params, sf, sy, qf, ways)
+            return cross_entropy(logits, qy), accuracy(logits, qy)
+
+        losses, accs = jax.vmap(one_task)(sf, tasks.support_y, qf, tasks.query_y)
+        return losses.mean(), (new_state, {"accuracy": accs.mean()})
+
+    def embed(params, state, x):
+        return models.forward(model, params["backbone"], state, x, train=False)[0]
+
+    def adapt_and_predict(params, state, support_x, support_y, query_x, ways, rng=None):
+        fwd = lambda x: models.forward(
+            model, params["backbone"], state, x, train=False, bn_mode=bn_mode
+        )[0]
+        return head_logits(params, fwd(support_x), support_y, fwd(query_x), ways)
+
+    return Algorithm(
+        name=name,
+        init=init,
+        meta_loss=meta_loss,
+        adapt_and_predict=adapt_and_predict,
+        frozen_backbone=True,
+        embed=embed,
+        predict_from_features=head_logits,
+    )

@@ -1,0 +1,165 @@
+"""Shared by the whole-network GBML algorithms (maml, fomaml, imaml, minibatchprox).
+
+Adapted ("fast") parameters of one task: ``{"backbone": ..., "head": {"w": [N, D], "b": [N]}}``.
+The N-way head starts each task at
+
+- ``algo.head_init='zeros'``: zero, not a meta-parameter. Every class starts alike, so the learner
+  is invariant to the order of the labels and works for any number of ways at test time (the
+  "zero trick"; a meta-learned row shared by all classes would be a no-op under the softmax).
+- ``algo.head_init='learned'``: a meta-learned [data.ways, D] head (zero-initialised), as in the
+  original MAML; a test episode with ``ways <= data.ways`` uses its first ``ways`` rows.
+
+BatchNorm: the inner loop uses the batch statistics of the task's support set (as in training
+everywhere); the query forward uses the task's query batch statistics in training, and at test
+time follows ``model.bn_mode`` (running statistics for 'inductive', the query batch's for
+'transductive'). Running statistics come from each task's query forward with its adapted
+parameters, averaged over tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mtl_gbml import models
+from mtl_gbml.algorithms.base import accuracy, cross_entropy
+
+HEAD_INITS = ("zeros", "learned")
+
+
+def tree_add(a, b, scale=1.0):
+    """a + scale * b."""
+    return jax.tree.map(lambda x, y: x + scale * y, a, b)
+
+
+def tree_vdot(a, b) -> jax.Array:
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def surrogate(value: jax.Array, direction, params) -> jax.Array:
+    """A loss whose value is ``value`` and whose gradient w.r.t. ``params`` is ``direction``.
+
+    First-order and implicit methods use it so that the train step stays ``jax.grad(meta_loss)``
+    while the logged loss is the real one.
+    """
+    direction = jax.lax.stop_gradient(direction)
+    offset = jax.tree.map(lambda p: p - jax.lax.stop_gradient(p), params)  # value 0, gradient 1
+    return jax.lax.stop_gradient(value) + tree_vdot(direction, offset)
+
+
+def mean_state(states):
+    """Per-task BatchNorm states [T, ...] -> their mean (the average of the per-task updates)."""
+    return jax.tree.map(lambda s: s.mean(0), states)
+
+
+class Net:
+    """A backbone plus an N-way linear head; per-task losses for one task."""
+
+    def __init__(self, model, config: ml_collections.ConfigDict):
+        if config.algo.head_init not in HEAD_INITS:
+            raise ValueError(
+                f"algo.head_init={config.algo.head_init!r}; choose one of {HEAD_INITS}"
+            )
+        self.model = model
+        self.head_init = config.algo.head_init
+        self.train_ways = config.data.ways
+        self.bn_mode = config.model.bn_mode
+
+    def init(self, rng, example_tasks):
+        x = example_tasks.support_x[0]
+        backbone, state = models.init(self.model, rng, x)
+        params = {"backbone": backbone}
+        if self.head_init == "learned":
+            dim = models.forward(self.model, backbone, state, x, train=False)[0].shape[-1]
+            params["head"] = {
+                "w": jnp.zeros((self.train_ways, dim)),
+                "b": jnp.zeros((self.train_ways,)),
+            }
+        return params, state
+
+    def initial_fast(self, params, state, x, ways: int):
+        """Fast parameters at the start of a task's inner loop."""
+        if self.head_init == "learned":
+            if ways > self.train_ways:
+                raise ValueError(
+                    f"{ways}-way episode but the meta-learned head has data.ways={self.train_ways} "
+                    "rows; use algo.head_init='zeros' to evaluate other numbers of ways"
+                )
+            head = jax.tree.map(lambda h: h[:ways], params["head"])
+        else:
+            f = jax.eval_shape(
+                lambda b, s, x: models.forward(self.model, b, s, x, train=False)[0],
+                params["backbone"],
+                state,
+                x,
+            )
+            head = {"w": jnp.zeros((ways, f.shape[-1])), "b": jnp.zeros((ways,))}
+        return {"backbone": params["backbone"], "head": head}
+
+    def logits(self, fast, state, x, *, train: bool, rng=None, bn_mode: str = "inductive"):
+        feats, new_state = models.forward(
+            self.model, fast["backbone"], state, x, train=train, bn_mode=bn_mode, rng=rng
+        )
+        return feats @ fast["head"]["w"].T + fast["head"]["b"], new_state
+
+    def loss(self, fast, state, x, y, rng=None):
+        """Cross-entropy with batch statistics; aux: (new BatchNorm state, accuracy)."""
+        logits, new_state = self.logits(fast, state, x, train=True, rng=rng)
+        return cross_entropy(logits, y), (new_state, accuracy(logits, y))
+
+
+def gradient_descent(
+    loss_fn: Callable,
+    fast0,
+    rng: jax.Array,
+    *,
+    steps: int,
+    lr: float,
+    first_order: bool = False,
+    remat: bool = False,
+    prox: tuple[float, object] | None = None,
+):
+    """``steps`` GD steps on ``loss_fn(fast, rng)`` as a ``lax.scan``.
+
+    ``first_order`` treats each inner gradient as a constant; ``prox=(lam, anchor)`` adds
+    ``lam/2 * ||fast - anchor||^2`` to the objective; ``remat`` recomputes each step's forward
+    pass in the backward pass (memory O(1) in steps for the activations, one extra forward each).
+    """
+
+    def step(fast, i):
+        g = jax.grad(loss_fn)(fast, jax.random.fold_in(rng, i))
+        if first_order:
+            g = jax.lax.stop_gradient(g)
+        if prox is not None:
+            lam, anchor = prox
+            g = tree_add(g, tree_add(fast, anchor, -1.0), lam)
+        return tree_add(fast, g, -lr), None
+
+    if remat:
+        step = jax.checkpoint(step)
+    fast, _ = jax.lax.scan(step, fast0, jnp.arange(steps))
+    return fast
+
+
+def make_adapt_and_predict(net: Net, *, steps: int, lr: float, prox_lam: float | None = None):
+    """Test-time rule: ``steps`` GD steps from the meta-parameters on the support set (proximal to
+    them when ``prox_lam`` is set), then query logits under ``model.bn_mode``."""
+
+    def adapt_and_predict(params, state, support_x, support_y, query_x, ways, rng=None):
+        rng = jax.random.PRNGKey(0) if rng is None else rng
+        fast0 = net.initial_fast(params, state, support_x, ways)
+        support_loss = lambda f, k: net.loss(f, state, support_x, support_y, k)[0]
+        prox = None if prox_lam is None else (prox_lam, fast0)
+        fast = gradient_descent(
+            support_loss, fast0, rng, steps=steps, lr=lr, first_order=True, prox=prox
+        )
+        return net.logits(fast, state, query_x, train=False, bn_mode=net.bn_mode)[0]
+
+    return adapt_and_predict
+
+
+def task_arrays(tasks):
+    return tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y
