@@ -34,6 +34,8 @@ setup(
     description="Bridging multi-task learning and meta-learning (Wang, Zhao, Li, ICML 2021) in JAX",
     python_requires=">=3.10",
     packages=find_packages(include=["mtl_gbml", "mtl_gbml.*", "theory", "theory.*"]),
+    # the CIFAR-FS / FC100 split class lists (facts, never images)
+    package_data={"mtl_gbml.data": ["splits/*/*.json", "splits/README.md"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "cuda12": ["jax[cuda12]==0.5.3"],

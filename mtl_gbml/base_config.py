@@ -16,8 +16,9 @@ def get_config(algorithm: str = "mtl") -> ml_collections.ConfigDict:
     c.algorithm = algorithm
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "omniglot"
-    c.data.protocol = "vinyals"  # 'vinyals' (1028/172/423 characters) or 'lake' (background/eval)
+    c.data.name = "omniglot"  # | 'mini_imagenet' | 'tiered_imagenet' | 'cifar_fs' | 'fc100'
+    # omniglot: 'vinyals' (1028/172/423 characters) or 'lake' (background/eval); others: 'standard'
+    c.data.protocol = "vinyals"
     c.data.rotations = True  # rotations by 90/180/270 degrees are new classes (Vinyals protocol)
     c.data.data_dir = ""  # raw archives + split files; '' = $MTL_GBML_DATA_DIR
     c.data.tfds_dir = ""  # where TFDS keeps prepared data; '' = TFDS default ($TFDS_DATA_DIR)
@@ -25,7 +26,9 @@ def get_config(algorithm: str = "mtl") -> ml_collections.ConfigDict:
     c.data.shots = 1
     c.data.queries = 15
     c.data.tasks_per_step = 16
-    c.data.augment = "none"  # 'none' | 'shift' (random translation by up to data.shift pixels)
+    # 'none' | 'shift' (random translation by up to data.shift pixels) | 'crop_flip' (random crop
+    # with padding data.shift + horizontal flip) | 'crop_flip_jitter' (+ colour jitter 0.4)
+    c.data.augment = "none"
     c.data.shift = 2
 
     c.model = ml_collections.ConfigDict()

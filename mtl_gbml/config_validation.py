@@ -9,10 +9,16 @@ import ml_collections
 from mtl_gbml import algorithms, models, optim
 from mtl_gbml.data import datasets
 
-# characters per split and images per character, known without reading the data
+# classes (Omniglot: characters) per split and the fewest images per class, known without reading
+# the data
 _FACTS = {
     ("omniglot", "vinyals"): ({"train": 1028, "val": 172, "test": 423}, 20),
     ("omniglot", "lake"): ({"train": 964, "test": 659}, 20),
+    ("mini_imagenet", "standard"): ({"train": 64, "val": 16, "test": 20}, 600),
+    # ImageNet-1k training classes hold 732..1300 images
+    ("tiered_imagenet", "standard"): ({"train": 351, "val": 97, "test": 160}, 732),
+    ("cifar_fs", "standard"): ({"train": 64, "val": 16, "test": 20}, 600),
+    ("fc100", "standard"): ({"train": 60, "val": 20, "test": 20}, 600),  # 12/4/4 superclasses
 }
 WHOLE_NETWORK = ("maml", "fomaml", "imaml", "minibatchprox")
 
@@ -55,6 +61,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"data.protocol={c.data.protocol!r}; choose one of {list(datasets.SPLITS)}"
         )
+    if (c.data.name, c.data.protocol) not in _FACTS:
+        protocols = [p for n, p in _FACTS if n == c.data.name]
+        raise ConfigError(
+            f"data.protocol={c.data.protocol!r} does not exist for data.name={c.data.name!r}; "
+            f"choose one of {protocols}"
+        )
     if c.optimizer.name not in optim.OPTIMIZERS:
         raise ConfigError(f"optimizer.name={c.optimizer.name!r}; choose one of {optim.OPTIMIZERS}")
     if c.optimizer.schedule not in optim.SCHEDULES:
@@ -77,8 +89,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"optimizer.lr={c.optimizer.lr} must be positive")
     if c.data.queries < 0 or c.eval.queries <= 0:
         raise ConfigError("data.queries must be >= 0 and eval.queries > 0")
-    if c.data.augment not in ("none", "shift"):
-        raise ConfigError(f"data.augment={c.data.augment!r}; choose 'none' or 'shift'")
+    from mtl_gbml.data.sampler import AUGMENTS
+
+    if c.data.augment not in AUGMENTS:
+        raise ConfigError(f"data.augment={c.data.augment!r}; choose one of {AUGMENTS}")
     if c.train.nonfinite not in ("raise", "skip"):
         raise ConfigError(f"train.nonfinite={c.train.nonfinite!r}; choose 'raise' or 'skip'")
     splits = datasets.SPLITS[c.data.protocol]

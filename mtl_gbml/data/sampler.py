@@ -130,12 +130,47 @@ def random_shift(rng: jax.Array, x: jax.Array, max_shift: int) -> jax.Array:
     return jax.vmap(crop)(pad, offs).reshape(lead + (h, w, c))
 
 
+def random_flip(rng: jax.Array, x: jax.Array) -> jax.Array:
+    """Mirror each image [..., H, W, C] left-right with probability 1/2."""
+    lead = x.shape[:-3]
+    flip = jax.random.bernoulli(rng, 0.5, lead)[..., None, None, None]
+    return jnp.where(flip, x[..., ::-1, :], x)
+
+
+def color_jitter(rng: jax.Array, x: jax.Array, strength: float) -> jax.Array:
+    """Brightness, contrast and saturation jitter (torchvision ``ColorJitter(s, s, s)``, fixed
+    order) of float images [..., H, W, 3] in [0, 1]; each factor uniform in [1 - s, 1 + s]."""
+    lead = x.shape[:-3]
+    f = jax.random.uniform(rng, (3,) + lead + (1, 1, 1), minval=1 - strength, maxval=1 + strength)
+    gray = lambda a: (a @ jnp.array([0.299, 0.587, 0.114], a.dtype))[..., None]
+    x = jnp.clip(x * f[0], 0.0, 1.0)  # brightness
+    mean = gray(x).mean(axis=(-3, -2, -1), keepdims=True)
+    x = jnp.clip(mean + f[1] * (x - mean), 0.0, 1.0)  # contrast
+    g = gray(x)
+    return jnp.clip(g + f[2] * (x - g), 0.0, 1.0)  # saturation
+
+
+AUGMENTS = ("none", "shift", "crop_flip", "crop_flip_jitter")
+
+
 def prepare_tasks(tasks: Tasks, rng: jax.Array, augment: str, shift: int) -> Tasks:
-    """uint8 -> float and training augmentation, inside the jitted step."""
+    """uint8 -> float and training augmentation, inside the jitted step.
+
+    ``shift``: random translation by up to ``shift`` pixels (zero fill). ``crop_flip``: random crop
+    with zero padding ``shift`` (the same thing) and a random horizontal flip, per image (the MTL /
+    MetaOptNet recipe); ``crop_flip_jitter`` adds colour jitter 0.4 (brightness, contrast,
+    saturation) to RGB images.
+    """
     sx, qx = to_float(tasks.support_x), to_float(tasks.query_x)
     if augment == "shift":
         k1, k2 = jax.random.split(rng)
         sx, qx = random_shift(k1, sx, shift), random_shift(k2, qx, shift)
+    elif augment in ("crop_flip", "crop_flip_jitter"):
+        ks = jax.random.split(rng, 6)
+        sx, qx = random_shift(ks[0], sx, shift), random_shift(ks[1], qx, shift)
+        sx, qx = random_flip(ks[2], sx), random_flip(ks[3], qx)
+        if augment == "crop_flip_jitter" and sx.shape[-1] == 3:
+            sx, qx = color_jitter(ks[4], sx, 0.4), color_jitter(ks[5], qx, 0.4)
     elif augment != "none":
-        raise ValueError(f"data.augment={augment!r}; choose 'none' or 'shift'")
+        raise ValueError(f"data.augment={augment!r}; choose one of {AUGMENTS}")
     return tasks._replace(support_x=sx, query_x=qx)

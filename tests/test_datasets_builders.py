@@ -1,0 +1,245 @@
+"""mini-ImageNet, tiered-ImageNet, CIFAR-FS and FC100 builders on tiny files written in the exact
+distribution formats (mtl_gbml.data.fake), prepared through the CLI into a temporary TFDS dir.
+
+Every fake image is filled with its global class's colour, so each check below reads the true class
+off the pixels: stored labels, sampled episodes (labels, class_ids), split membership.
+"""
+
+import json
+import os
+import pickle
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from mtl_gbml.data import datasets, fake, prepare
+from mtl_gbml.data.errors import DataError
+from mtl_gbml.data.sampler import make_pool, sample_tasks
+
+SPLITS = ("train", "val", "test")
+
+
+def _cfg(name, tfds_dir):
+    return ml_collections.ConfigDict(
+        {
+            "name": name,
+            "protocol": "standard",
+            "tfds_dir": str(tfds_dir),
+            "data_dir": "",
+            "rotations": False,
+        }
+    )
+
+
+def _prepare(name, manual, tfds_dir):
+    assert (
+        prepare.main(["--dataset", name, "--manual_dir", str(manual), "--data_dir", str(tfds_dir)])
+        == 0
+    )
+    return {s: datasets.load_arrays(_cfg(name, tfds_dir), s) for s in SPLITS}
+
+
+def _builder_meta(name, tfds_dir, split):
+    """(label, class_name, superclass or general label) of every example, from TFDS directly."""
+    import tensorflow_datasets as tfds
+
+    b = datasets._builder(name, "standard", str(tfds_dir))
+    out = []
+    for ex in tfds.as_numpy(b.as_dataset(split=split, shuffle_files=False)):
+        extra = ex.get("superclass", ex.get("general_label"))
+        extra = extra.decode() if isinstance(extra, bytes) else extra
+        out.append((int(ex["label"]), ex["class_name"].decode(), extra))
+    return out
+
+
+def _check_split_arrays(arrays, size, per_class, num_classes):
+    """Labels 0..C-1, images right-sized RGB, each label one global class, splits disjoint."""
+    seen = {}
+    for s in SPLITS:
+        x, y = arrays[s]
+        assert x.dtype == np.uint8 and x.shape[1:] == (size, size, 3)
+        assert sorted(np.unique(y)) == list(range(num_classes[s]))
+        glob = np.array([fake.color_class(im) for im in x])
+        for label in range(num_classes[s]):
+            g = np.unique(glob[y == label])
+            assert len(g) == 1, f"{s} label {label} mixes global classes {g}"
+            assert (y == label).sum() == per_class
+            assert seen.setdefault(int(g[0]), s) == s, f"class {g[0]} in {seen[g[0]]} and {s}"
+    return seen
+
+
+def _check_episodes(x, y, ways=5, shots=1, queries=2, num_tasks=6):
+    """Sampled tasks: labels 0..N-1 class-major, class_ids distinct, images of the right class."""
+    pool = make_pool(x, y)
+    tasks = sample_tasks(pool, jax.random.PRNGKey(0), ways, shots, queries, num_tasks)
+    glob_of_label = {
+        int(lab): fake.color_class(x[np.flatnonzero(y == lab)[0]]) for lab in np.unique(y)
+    }
+    uniq = np.unique(y)  # pool class id c is the c-th sorted label
+    for t in range(num_tasks):
+        ids = np.asarray(tasks.class_ids[t])
+        assert len(set(ids.tolist())) == ways
+        np.testing.assert_array_equal(
+            np.asarray(tasks.support_y[t]), np.repeat(np.arange(ways), shots)
+        )
+        np.testing.assert_array_equal(
+            np.asarray(tasks.query_y[t]), np.repeat(np.arange(ways), queries)
+        )
+        for xs, ys in (
+            (tasks.support_x[t], tasks.support_y[t]),
+            (tasks.query_x[t], tasks.query_y[t]),
+        ):
+            for img, lab in zip(np.asarray(xs), np.asarray(ys), strict=True):
+                assert fake.color_class(img) == glob_of_label[int(uniq[ids[lab]])]
+        # no image twice within a class of a task
+        imgs = np.concatenate([np.asarray(tasks.support_x[t]), np.asarray(tasks.query_x[t])])
+        assert len({im.tobytes() for im in imgs}) == len(imgs)
+
+
+@pytest.mark.parametrize("layout", ["pickle", "jpeg"])
+def test_mini_imagenet(tmp_path, layout):
+    classes = {"train": 6, "val": 5, "test": 5}
+    names = fake.write_mini_imagenet(tmp_path / "raw", layout, classes=classes, per_class=4)
+    arrays = _prepare("mini_imagenet", tmp_path / "raw", tmp_path / "tfds")
+    _check_split_arrays(arrays, 84, 4, classes)
+    _check_episodes(*arrays["train"])
+    meta = _builder_meta("mini_imagenet", tmp_path / "tfds", "val")
+    assert sorted({(lab, n) for lab, n, _ in meta}) == list(enumerate(sorted(names["val"])))
+    # prepared once: a second prepare is a no-op
+    assert (
+        prepare.main(
+            [
+                "--dataset",
+                "mini_imagenet",
+                "--manual_dir",
+                str(tmp_path / "raw"),
+                "--data_dir",
+                str(tmp_path / "tfds"),
+            ]
+        )
+        == 0
+    )
+
+
+def test_tiered_imagenet(tmp_path):
+    classes = {"train": 7, "val": 5, "test": 6}
+    names = fake.write_tiered_imagenet(tmp_path / "raw", classes=classes, per_class=4, general=2)
+    arrays = _prepare("tiered_imagenet", tmp_path / "raw", tmp_path / "tfds")
+    _check_split_arrays(arrays, 84, 4, classes)
+    _check_episodes(*arrays["train"])
+    meta = _builder_meta("tiered_imagenet", tmp_path / "tfds", "train")
+    assert sorted({(lab, n, gen) for lab, n, gen in meta}) == [
+        (i, n, i % 2) for i, n in enumerate(names["train"])
+    ]
+
+
+def test_cifar_fs_and_fc100(tmp_path):
+    fine_names = fake.write_cifar100(tmp_path / "raw", per_class_train=3, per_class_test=1)
+    _, _, parent = fake.cifar100_names()
+    split_dir = os.path.join(os.path.dirname(datasets.__file__), "splits")
+    # CIFAR-FS: the packaged 64/16/20 fine classes, all 4 images of each
+    arrays = _prepare("cifar_fs", tmp_path / "raw", tmp_path / "tfds")
+    seen = _check_split_arrays(arrays, 32, 4, {"train": 64, "val": 16, "test": 20})
+    for s in SPLITS:
+        spec = json.load(open(os.path.join(split_dir, "cifar_fs", f"{s}.json")))
+        assert {fine_names[g] for g, sp in seen.items() if sp == s} == {f for _, f in spec}
+        meta = _builder_meta("cifar_fs", tmp_path / "tfds", s)
+        assert sorted({(lab, n) for lab, n, _ in meta}) == list(
+            enumerate(sorted(f for _, f in spec))
+        )
+        assert all(parent[n] == sup for _, n, sup in meta)
+    _check_episodes(*arrays["test"])
+    # FC100: 12/4/4 superclasses = 60/20/20 fine classes, grouped by superclass
+    arrays = _prepare("fc100", tmp_path / "raw", tmp_path / "tfds")
+    seen = _check_split_arrays(arrays, 32, 4, {"train": 60, "val": 20, "test": 20})
+    sup_seen = {}
+    for s in SPLITS:
+        sups = json.load(open(os.path.join(split_dir, "fc100", f"{s}.json")))
+        fines = {fine_names[g] for g, sp in seen.items() if sp == s}
+        assert fines == {f for f, p in parent.items() if p in sups}
+        meta = _builder_meta("fc100", tmp_path / "tfds", s)
+        by_sup = {}
+        for lab, n, sup in meta:
+            assert parent[n] == sup
+            by_sup.setdefault(sup, set()).add(lab)
+        assert sorted(by_sup) == sorted(sups) and all(len(v) == 5 for v in by_sup.values())
+        # labels follow (superclass, class) order: each superclass's 5 labels are consecutive
+        for v in by_sup.values():
+            assert max(v) - min(v) == 4
+        for sup in sups:
+            assert sup_seen.setdefault(sup, s) == s
+    _check_episodes(*arrays["val"])
+
+
+def test_packaged_split_lists_are_disjoint_and_complete():
+    fine, coarse, parent = fake.cifar100_names()
+    assert len(fine) == 100 and len(coarse) == 20
+    assert all(sum(p == c for p in parent.values()) == 5 for c in coarse)
+    split_dir = os.path.join(os.path.dirname(datasets.__file__), "splits")
+    fc = [json.load(open(os.path.join(split_dir, "fc100", f"{s}.json"))) for s in SPLITS]
+    assert [len(x) for x in fc] == [12, 4, 4] and sorted(sum(fc, [])) == coarse
+
+
+# --- missing and malformed files: a DataError naming the file and the expected format ---
+
+
+def _prepare_error(name, manual, tmp_path):
+    with pytest.raises(DataError) as e:
+        datasets.prepare_from(name, str(manual), str(tmp_path / "tfds_err"))
+    return str(e.value)
+
+
+def test_mini_imagenet_errors(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    msg = _prepare_error("mini_imagenet", raw, tmp_path)
+    assert "mini-imagenet-cache-train.pkl" in msg and "train.csv" in msg and "image_data" in msg
+    fake.write_mini_imagenet(raw, "pickle", classes=5, per_class=3)
+    bad = raw / "mini-imagenet-cache-val.pkl"
+    bad.write_bytes(pickle.dumps({"images": np.zeros((2, 84, 84, 3), np.uint8)}))
+    msg = _prepare_error("mini_imagenet", raw, tmp_path)
+    assert str(bad) in msg and "class_dict" in msg
+    bad.write_bytes(
+        pickle.dumps({"image_data": np.zeros((2, 32, 32, 3), np.uint8), "class_dict": {"a": [0]}})
+    )
+    msg = _prepare_error("mini_imagenet", raw, tmp_path)
+    assert str(bad) in msg and "[N, 84, 84, 3]" in msg
+    # JPEG layout: a bad header, then a CSV row naming a missing image
+    jraw = tmp_path / "jraw"
+    fake.write_mini_imagenet(jraw, "jpeg", classes=5, per_class=3)
+    (jraw / "val.csv").write_text("file,class\nx.jpg,n1\n")
+    msg = _prepare_error("mini_imagenet", jraw, tmp_path)
+    assert str(jraw / "val.csv") in msg and "filename,label" in msg
+    (jraw / "val.csv").write_text("filename,label\nmissing.jpg,n1\n")
+    msg = _prepare_error("mini_imagenet", jraw, tmp_path)
+    assert "missing.jpg" in msg
+
+
+def test_tiered_imagenet_errors(tmp_path):
+    raw = tmp_path / "raw"
+    fake.write_tiered_imagenet(raw, classes=5, per_class=3)
+    os.remove(raw / "test_labels.pkl")
+    msg = _prepare_error("tiered_imagenet", raw, tmp_path)
+    assert str(raw / "test_labels.pkl") in msg and "label_specific" in msg
+    fake.write_tiered_imagenet(raw, classes=5, per_class=3)
+    with open(raw / "train_labels.pkl", "wb") as f:  # one label short
+        pickle.dump({"label_specific": np.zeros(14, np.int64), "label_general": np.zeros(14)}, f)
+    msg = _prepare_error("tiered_imagenet", raw, tmp_path)
+    assert "train_images_png.pkl" in msg and "train_labels.pkl" in msg
+    fake.write_tiered_imagenet(raw, classes=5, per_class=3)
+    with open(raw / "val_images_png.pkl", "wb") as f:  # not PNG bytes
+        pickle.dump([b"not a png"] * 15, f)
+    msg = _prepare_error("tiered_imagenet", raw, tmp_path)
+    assert str(raw / "val_images_png.pkl") in msg and "entry 0" in msg
+
+
+def test_cifar_errors(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    msg = _prepare_error("fc100", raw, tmp_path)
+    assert "cifar-100-python.tar.gz" in msg
+    (raw / "cifar-100-python.tar.gz").write_bytes(b"not a tarball")
+    msg = _prepare_error("cifar_fs", raw, tmp_path)
+    assert "cifar-100-python.tar.gz" in msg and "tar.gz" in msg
