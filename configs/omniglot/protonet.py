@@ -28,10 +28,10 @@ def get_config(arg: str | None = None):
         c.model.width = 8
         c.data.ways, c.data.tasks_per_step, c.data.queries = 5, 2, 2
         c.optimizer.decay_steps = (1,)
-        c.train.steps, c.train.log_every, c.train.eval_every, c.checkpoint.every = 2, 1, 2, 2
+        c.train.steps, c.train.log_every, c.train.eval_every, c.checkpoint.every = 2, 1, 0, 2
         c.train.time_budget_s = 0.0
-        c.train.val_episodes, c.eval.episodes, c.eval.batch = 10, 20, 10
-        c.eval.settings = ("5w1s", "20w1s")
+        c.eval.episodes, c.eval.batch = 20, 10
+        c.eval.settings = ("5w1s",)
     elif arg:
         raise ValueError(f"unknown variant {arg!r}; use 'runlocal' or none")
     return c

@@ -21,14 +21,25 @@ from mtl_gbml import models
 from mtl_gbml.algorithms.base import Algorithm, accuracy, cross_entropy
 
 
-def task_features(model, backbone, state, tasks, rng):
-    """(support features [T, ns, D], query features [T, nq, D], averaged new BatchNorm state)."""
-    x = jnp.concatenate([tasks.support_x, tasks.query_x], axis=1)
-    keys = jax.random.split(rng, x.shape[0])
+def task_features(model, backbone, state, tasks, rng, merged: bool = True):
+    """(support features [T, ns, D], query features [T, nq, D], averaged new BatchNorm state).
+
+    ``merged``: support and query of a task form one batch; otherwise each is its own batch (as
+    MAML's inner loop and query pass see them), and the state comes from the query pass.
+    """
+    keys = jax.random.split(rng, tasks.support_x.shape[0])
     one = lambda xi, k: models.forward(model, backbone, state, xi, train=True, rng=k)
-    feats, states = jax.vmap(one)(x, keys)
     ns = tasks.support_x.shape[1]
-    return feats[:, :ns], feats[:, ns:], jax.tree.map(lambda s: s.mean(0), states)
+    if merged:
+        x = jnp.concatenate([tasks.support_x, tasks.query_x], axis=1)
+        feats, states = jax.vmap(one)(x, keys)
+        sf, qf = feats[:, :ns], feats[:, ns:]
+    else:
+        sf, _ = jax.vmap(one)(tasks.support_x, keys)
+        qf, states = jax.vmap(one)(
+            tasks.query_x, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+        )
+    return sf, qf, jax.tree.map(lambda s: s.mean(0), states)
 
 
 def make(
@@ -37,9 +48,13 @@ def make(
     bn_mode: str,
     init_head: Callable,
     head_logits: Callable,
+    train_head_logits: Callable | None = None,
+    merged: bool = True,
 ) -> Algorithm:
     """Algorithm from ``head_logits(params, support_f, support_y, query_f, ways) -> logits`` (one
-    episode, differentiable) and ``init_head(rng, dim) -> dict`` (extra meta-parameters)."""
+    episode, differentiable; ``train_head_logits`` if training uses other settings) and
+    ``init_head(rng, dim) -> dict`` (extra meta-parameters)."""
+    train_head_logits = train_head_logits or head_logits
 
     def init(rng, example_tasks):
         k_body, k_head = jax.random.split(rng)
@@ -49,11 +64,11 @@ def make(
         return {"backbone": backbone, **init_head(k_head, dim)}, state
 
     def meta_loss(params, state, tasks, rng):
-        sf, qf, new_state = task_features(model, params["backbone"], state, tasks, rng)
+        sf, qf, new_state = task_features(model, params["backbone"], state, tasks, rng, merged)
         ways = tasks.class_ids.shape[1]
 
         def one_task(sf, sy, qf, qy):
-            logits = head_logits(params, sf, sy, qf, ways)
+            logits = train_head_logits(params, sf, sy, qf, ways)
             return cross_entropy(logits, qy), accuracy(logits, qy)
 
         losses, accs = jax.vmap(one_task)(sf, tasks.support_y, qf, tasks.query_y)
