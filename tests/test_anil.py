@@ -68,7 +68,9 @@ def test_gradient_is_maml_with_frozen_backbone(head_init):
                     head = {"w": jnp.zeros((3, 5)), "b": jnp.zeros(3)}
                 for _ in range(3):  # unrolled, differentiated through (second order)
                     g = jax.grad(
-                        lambda h: cross_entropy(fs @ h["w"].T + h["b"], tasks.support_y[t])
+                        lambda h, fs=fs, t=t: cross_entropy(
+                            fs @ h["w"].T + h["b"], tasks.support_y[t]
+                        )
                     )(head)
                     head = jax.tree.map(lambda h, g: h - 0.7 * g, head, g)
                 fq, st = models.forward(model, p["backbone"], state, tasks.query_x[t], train=True)
