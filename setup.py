@@ -11,7 +11,7 @@ INSTALL_REQUIRES = [
     "jaxlib==0.5.3",
     "flax==0.10.6",
     "optax==0.2.8",
-    "orbax-checkpoint>=0.11,<0.12",
+    "orbax-checkpoint==0.11.23",  # 0.11.24 calls jax.monitoring.record_scalar (jax>0.5.3)
     "chex>=0.1.88",
     "ml-collections>=1.0",
     "neural-tangents==0.6.5",

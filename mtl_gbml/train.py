@@ -370,7 +370,11 @@ def main(argv=None) -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
     def run(_):
+        from absl import logging
+
         from mtl_gbml.reporting import results_markdown
+
+        logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
 
         results = train_and_evaluate(flags_.config, flags_.workdir)
         print(results_markdown(results))

@@ -108,17 +108,31 @@ def read_split(split_dir: str, split: str) -> list[tuple[str, str, str]]:
     return out
 
 
+def preprocess_image(img) -> np.ndarray:
+    """A raw Omniglot image (PIL image or uint8 array, any size, dark strokes on white) as stored:
+    grayscale, 28x28 with antialiasing (LANCZOS), inverted (bright strokes), uint8 [28, 28, 1]."""
+    from PIL import Image
+
+    if not isinstance(img, Image.Image):
+        arr = np.asarray(img)
+        if arr.dtype != np.uint8:
+            raise ValueError(f"images must be uint8, got {arr.dtype}")
+        img = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+    img = img.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
+    return (255 - np.asarray(img, np.uint8))[..., None]
+
+
 def _decode(data: bytes, where: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        img = Image.open(io.BytesIO(data)).convert("L")
+        img = Image.open(io.BytesIO(data))
+        img.load()
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(
             f"unreadable image {where} ({e}); the archive is damaged, replace it."
         ) from e
-    img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
-    return (255 - np.asarray(img, np.uint8))[..., None]
+    return preprocess_image(img)
 
 
 def _index_archive(path: str) -> dict[tuple[str, str], list[str]]:

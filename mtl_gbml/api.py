@@ -1,0 +1,63 @@
+"""Python API: ``FewShotLearner.from_workdir(dir).predict(support_images, support_labels, query_images)``.
+
+Images are uint8 [n, H, W] or [n, H, W, C] of any size, as the raw dataset has them; they are
+preprocessed exactly as the dataset builder preprocessed the training images.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtl_gbml.data.sampler import to_float
+from mtl_gbml.run_loading import LoadedRun, load_run
+
+
+def _preprocessor(dataset: str):
+    if dataset == "omniglot":
+        from mtl_gbml.data.omniglot import preprocess_image
+
+        return preprocess_image
+    raise ValueError(f"no raw-image preprocessing known for dataset {dataset!r}")
+
+
+class FewShotLearner:
+    """Adapts a trained model to a new task from its support set, with the algorithm's own rule."""
+
+    def __init__(self, run: LoadedRun) -> None:
+        self.run = run
+        self._prep = _preprocessor(run.config.data.name)
+        self._fns: dict[int, object] = {}
+
+    @classmethod
+    def from_workdir(cls, workdir: str, use_best: bool | None = None) -> FewShotLearner:
+        return cls(load_run(workdir, use_best))
+
+    def _images(self, images) -> jax.Array:
+        arr = [self._prep(np.asarray(im)) for im in images]
+        return to_float(jnp.asarray(np.stack(arr)))
+
+    def logits(self, support_images, support_labels, query_images) -> np.ndarray:
+        """Scores [num_query, num_classes]; columns follow ``np.unique(support_labels)``."""
+        labels = np.asarray(support_labels)
+        classes, y = np.unique(labels, return_inverse=True)
+        ways = len(classes)
+        if ways < 2:
+            raise ValueError("the support set needs at least two classes")
+        if ways not in self._fns:
+            r = self.run
+            self._fns[ways] = jax.jit(
+                lambda sx, sy, qx: r.algorithm.adapt_and_predict(
+                    r.params, r.state, sx, sy, qx, ways, jax.random.PRNGKey(0)
+                )
+            )
+        out = self._fns[ways](
+            self._images(support_images), jnp.asarray(y, jnp.int32), self._images(query_images)
+        )
+        return np.asarray(out)
+
+    def predict(self, support_images, support_labels, query_images) -> np.ndarray:
+        """Predicted labels of the query images, in the label values of ``support_labels``."""
+        classes = np.unique(np.asarray(support_labels))
+        return classes[self.logits(support_images, support_labels, query_images).argmax(-1)]

@@ -1,0 +1,89 @@
+"""Evaluate a trained run: ``python -m mtl_gbml.evaluate --workdir DIR [--ways 5 --shots 1 ...]``.
+
+Writes ``eval_<split>.json`` in the workdir and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from mtl_gbml.data import datasets
+from mtl_gbml.evaluation import evaluate, parse_setting
+from mtl_gbml.run_loading import load_run
+
+
+def evaluate_workdir(
+    workdir: str,
+    settings: list[tuple[int, int]] | None = None,
+    episodes: int | None = None,
+    split: str | None = None,
+    seed: int = 0,
+) -> dict:
+    run = load_run(workdir)
+    c = run.config
+    split = split or c.eval.split
+    settings = settings or [parse_setting(s) for s in c.eval.settings]
+    pool = datasets.load_pool(c.data, split)
+    res = evaluate(
+        run.algorithm,
+        run.params,
+        run.state,
+        pool,
+        settings,
+        episodes=episodes or c.eval.episodes,
+        queries=c.eval.queries,
+        batch=c.eval.batch,
+        rng=jax.random.PRNGKey(seed),
+        bn_mode=c.model.bn_mode,
+        progress=True,
+    )
+    out = {
+        "workdir": workdir,
+        "split": split,
+        "params": run.which,
+        "step": run.step,
+        "bn_mode": c.model.bn_mode,
+        "eval": res,
+    }
+    with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    return out
+
+
+def main(argv=None) -> None:
+    from absl import app, flags, logging
+
+    flags.DEFINE_string("workdir", None, "run directory written by mtl_gbml.train")
+    flags.DEFINE_multi_integer("ways", None, "ways (repeat with --shots to give several settings)")
+    flags.DEFINE_multi_integer("shots", None, "shots, one per --ways")
+    flags.DEFINE_integer(
+        "episodes", None, "episodes per setting (default: the run's eval.episodes)"
+    )
+    flags.DEFINE_string("split", None, "split (default: the run's eval.split)")
+    flags.DEFINE_integer("seed", 0, "episode sampling seed")
+    flags.mark_flag_as_required("workdir")
+    F = flags.FLAGS
+
+    def run(_):
+        logging.set_verbosity(logging.WARNING)
+        settings = None
+        if F.ways or F.shots:
+            if not F.ways or not F.shots or len(F.ways) != len(F.shots):
+                raise app.UsageError("give --ways and --shots the same number of times")
+            settings = list(zip(F.ways, F.shots, strict=True))
+        out = evaluate_workdir(F.workdir, settings, F.episodes, F.split, F.seed)
+        print(
+            f"{F.workdir} ({out['params']} parameters, BatchNorm {out['bn_mode']}), split {out['split']}"
+        )
+        print("| setting | accuracy % | 95% CI | episodes |\n|---|---|---|---|")
+        for k, v in out["eval"].items():
+            print(f"| {k} | {v['accuracy']:.2f} | ±{v['ci95']:.2f} | {v['episodes']} |")
+
+    app.run(run, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

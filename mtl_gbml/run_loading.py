@@ -1,0 +1,60 @@
+"""Load a finished (or running) training run from its workdir: config, algorithm and parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+from mtl_gbml import algorithms, models
+from mtl_gbml.algorithms.base import Algorithm
+from mtl_gbml.config_validation import split_facts
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    config: ml_collections.ConfigDict
+    algorithm: Algorithm
+    params: Any
+    state: Any
+    step: int
+    which: str  # 'best validation (step S)' or 'final'
+
+
+def load_run(workdir: str, use_best: bool | None = None) -> LoadedRun:
+    """The run in ``workdir`` at its latest checkpoint (best-validation parameters by default,
+    as the final evaluation uses them when validation ran)."""
+    cfg_path = os.path.join(workdir, "config.json")
+    ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: {workdir} is not a mtl_gbml run directory")
+    config = ml_collections.ConfigDict(json.load(open(cfg_path)))
+    for k in ("eval.settings", "model.resnet_widths", "optimizer.decay_steps"):
+        sec, key = k.split(".")
+        config[sec][key] = tuple(config[sec][key])
+    manager = ocp.CheckpointManager(ckpt_dir)
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {ckpt_dir}: train first (python -m mtl_gbml.train)"
+        )
+    tree = manager.restore(step, args=ocp.args.StandardRestore())
+    manager.close()
+    if use_best is None:
+        use_best = bool(config.eval.use_best)
+    best = use_best and int(tree["best_step"]) >= 0
+    model = models.build(config.model)
+    num_base = split_facts(config, "train")[0]
+    algorithm = algorithms.build(config.algorithm, model, config, num_base)
+    return LoadedRun(
+        config=config,
+        algorithm=algorithm,
+        params=tree["best_params" if best else "params"],
+        state=tree["best_model_state" if best else "model_state"],
+        step=int(tree["step"]),
+        which=f"best validation (step {int(tree['best_step'])})" if best else "final",
+    )

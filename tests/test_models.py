@@ -1,0 +1,98 @@
+"""Backbones: BatchNorm modes, equivalent convolution/pooling implementations, shapes."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mtl_gbml import models
+from mtl_gbml.base_config import get_config
+from mtl_gbml.models.conv4 import Conv4, max_pool_2x2
+
+
+def _conv4(**kw):
+    c = get_config("mtl").model
+    c.update(kw)
+    return models.build(c)
+
+
+def test_bn_modes_differ_where_they_should():
+    model = _conv4(width=8)
+    x = jax.random.normal(jax.random.PRNGKey(0), (10, 28, 28, 1))
+    params, state = models.init(model, jax.random.PRNGKey(1), x)
+    # give the running statistics values unlike this batch's
+    _, state = models.forward(model, params, state, x + 3.0, train=True)
+    ind, _ = models.forward(model, params, state, x, train=False, bn_mode="inductive")
+    tra, _ = models.forward(model, params, state, x, train=False, bn_mode="transductive")
+    assert not np.allclose(ind, tra, atol=1e-3)
+    # inductive: one image's features do not depend on the rest of the batch
+    ind_one, _ = models.forward(model, params, state, x[:1], train=False, bn_mode="inductive")
+    np.testing.assert_allclose(ind_one[0], ind[0], rtol=1e-4, atol=1e-5)
+    # transductive: they do
+    tra_one, _ = models.forward(model, params, state, x[:3], train=False, bn_mode="transductive")
+    assert not np.allclose(tra_one[0], tra[0], atol=1e-3)
+    # transductive at test equals training-mode features (batch statistics), state untouched
+    trn, _ = models.forward(model, params, state, x, train=True)
+    np.testing.assert_allclose(tra, trn, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="bn_mode"):
+        models.forward(model, params, state, x, train=False, bn_mode="both")
+
+
+def test_running_statistics_update_in_training_only():
+    model = _conv4(width=4)
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 28, 28, 1))
+    params, state = models.init(model, jax.random.PRNGKey(1), x)
+    _, s_train = models.forward(model, params, state, x, train=True)
+    _, s_test = models.forward(model, params, state, x, train=False, bn_mode="transductive")
+    changed = jax.tree.map(lambda a, b: not np.allclose(a, b), state, s_train)
+    assert all(jax.tree.leaves(changed))
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, state, s_test)))
+
+
+def test_reshape_max_pool_equals_flax_max_pool():
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 7, 5))
+    np.testing.assert_array_equal(
+        max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+    )
+
+
+def test_im2col_convolution_matches_xla():
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 28, 28, 1))
+    a, b = Conv4(width=8, conv_impl="xla"), Conv4(width=8, conv_impl="im2col")
+    va = a.init(jax.random.PRNGKey(1), x, train=False, use_batch_stats=False)
+    vb = b.init(jax.random.PRNGKey(1), x, train=False, use_batch_stats=False)
+    # same weights: the im2col kernel has the XLA kernel's layout
+    vb = jax.tree.map(lambda p, q: q.reshape(p.shape), vb, va)
+    fa = a.apply(va, x, train=False, use_batch_stats=True, mutable=["batch_stats"])[0]
+    fb = b.apply(vb, x, train=False, use_batch_stats=True, mutable=["batch_stats"])[0]
+    np.testing.assert_allclose(fa, fb, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pool_last,dim", [(True, 8), (False, 72)])
+def test_conv4_feature_dims(pool_last, dim):
+    model = _conv4(width=8, pool_last=pool_last)
+    x = jnp.zeros((2, 28, 28, 1))
+    params, state = models.init(model, jax.random.PRNGKey(0), x)
+    assert models.forward(model, params, state, x, train=False)[0].shape == (2, dim)
+
+
+def test_resnet12_shapes_and_dropblock():
+    c = ml_collections.ConfigDict(get_config("mtl").model.to_dict())
+    c.name, c.resnet_widths = "resnet12", (4, 6, 8, 10)
+    model = models.build(c)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+    params, state = models.init(model, jax.random.PRNGKey(1), x)
+    f0, _ = models.forward(model, params, state, x, train=True, rng=jax.random.PRNGKey(2))
+    f1, _ = models.forward(model, params, state, x, train=True, rng=jax.random.PRNGKey(3))
+    assert f0.shape == (2, 10)
+    assert not np.allclose(f0, f1)  # DropBlock is random in training
+    e0, _ = models.forward(model, params, state, x, train=False)
+    e1, _ = models.forward(model, params, state, x, train=False)
+    np.testing.assert_array_equal(e0, e1)
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="model.name='conv5' is unknown"):
+        _conv4(name="conv5")

@@ -1,0 +1,106 @@
+"""Omniglot through TFDS: the Vinyals split's sizes, image format, and clear errors on bad files."""
+
+import os
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+
+from mtl_gbml.base_config import get_config
+from mtl_gbml.data import datasets
+from mtl_gbml.data.errors import DataError
+from mtl_gbml.data.omniglot import check_archives, find_split_dir, read_split
+
+
+@pytest.fixture(scope="module")
+def omniglot_config(data_dir):
+    c = get_config("mtl").data
+    c.data_dir = data_dir
+    return c
+
+
+def test_vinyals_split_sizes_and_images(omniglot_config):
+    sizes = {}
+    chars = {}
+    for split in ("train", "val", "test"):
+        images, labels = datasets.load_arrays(omniglot_config, split)
+        assert images.dtype == np.uint8 and images.shape[1:] == (28, 28, 1)
+        counts = np.bincount(labels)
+        assert np.all(counts == 20)  # 20 drawers per character
+        sizes[split] = len(counts)
+        chars[split] = {
+            tuple(x)
+            for x in read_split(
+                find_split_dir(os.path.join(omniglot_config.data_dir, "omniglot")), split
+            )
+        }
+        # strokes bright on a dark background, antialiased (grey levels between 0 and 255)
+        assert images.mean() < 60 and len(np.unique(images[:50])) > 10
+    assert sizes == {"train": 1028, "val": 172, "test": 423}
+    assert not (chars["train"] & chars["val"]) and not (chars["train"] & chars["test"])
+    pool = datasets.load_pool(omniglot_config, "test")
+    assert pool.num_classes == 4 * 423  # rotations are new classes
+
+
+def _copy_data(src, dst):
+    os.makedirs(os.path.join(dst, "omniglot"))
+    for f in ("images_background.zip", "images_evaluation.zip", "SHA256SUMS"):
+        shutil.copy(os.path.join(src, "omniglot", f), os.path.join(dst, "omniglot", f))
+    shutil.copytree(os.path.join(src, "splits"), os.path.join(dst, "splits"))
+    for root, dirs, files in os.walk(dst):
+        for n in dirs + files:
+            os.chmod(os.path.join(root, n), 0o755 if n in dirs else 0o644)
+
+
+def test_missing_archive_names_the_file(tmp_path, data_dir):
+    _copy_data(data_dir, tmp_path)
+    os.remove(tmp_path / "omniglot" / "images_evaluation.zip")
+    with pytest.raises(DataError, match="images_evaluation.zip"):
+        check_archives(str(tmp_path / "omniglot"))
+
+
+def test_checksum_mismatch_names_the_file(tmp_path, data_dir):
+    _copy_data(data_dir, tmp_path)
+    with open(tmp_path / "omniglot" / "images_background.zip", "ab") as f:
+        f.write(b"garbage")
+    with pytest.raises(DataError, match="checksum mismatch for .*images_background.zip"):
+        check_archives(str(tmp_path / "omniglot"))
+
+
+def test_truncated_zip_names_the_file(tmp_path, data_dir):
+    _copy_data(data_dir, tmp_path)
+    os.remove(tmp_path / "omniglot" / "SHA256SUMS")  # no checksums: the zip check must catch it
+    p = tmp_path / "omniglot" / "images_background.zip"
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="images_background.zip"):
+        check_archives(str(tmp_path / "omniglot"))
+
+
+def test_corrupt_member_names_the_file(tmp_path, data_dir):
+    _copy_data(data_dir, tmp_path)
+    os.remove(tmp_path / "omniglot" / "SHA256SUMS")
+    p = tmp_path / "omniglot" / "images_evaluation.zip"
+    with zipfile.ZipFile(p) as z:
+        info = z.infolist()[5]
+    data = bytearray(p.read_bytes())
+    off = info.header_offset + 30 + len(info.filename) + len(info.extra) + 10
+    data[off] ^= 0xFF  # flip a byte inside the compressed data of one member
+    p.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="images_evaluation.zip"):
+        check_archives(str(tmp_path / "omniglot"))
+
+
+def test_missing_split_files_are_named(tmp_path, data_dir):
+    _copy_data(data_dir, tmp_path)
+    shutil.rmtree(tmp_path / "splits")
+    with pytest.raises(DataError, match="omniglot_vinyals"):
+        find_split_dir(str(tmp_path / "omniglot"))
+
+
+def test_no_data_dir_is_a_clear_error(monkeypatch):
+    c = get_config("mtl").data
+    monkeypatch.delenv("MTL_GBML_DATA_DIR", raising=False)
+    with pytest.raises(DataError, match="MTL_GBML_DATA_DIR"):
+        datasets.raw_data_dir(c)

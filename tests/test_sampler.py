@@ -1,0 +1,85 @@
+"""Episode sampler: fixed shapes, determinism in rng, label -> class bijection, rotations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtl_gbml.data.sampler import make_pool, random_shift, sample_tasks
+
+
+def _coded_pool(num_classes=30, per_class=6, rotations=False):
+    """Each image encodes (class, index) in its pixels, so a task can be decoded independently."""
+    imgs, labels = [], []
+    for c in range(num_classes):
+        for i in range(per_class):
+            img = np.zeros((8, 8, 1), np.uint8)
+            img[0, 0, 0], img[0, 1, 0] = c, i
+            img[0, 2, 0] = 200  # a marker that rotation moves
+            imgs.append(img)
+            labels.append(1000 + 7 * c)  # arbitrary ids: the pool must not rely on 0..C-1
+    return make_pool(np.stack(imgs), np.array(labels), rotations=rotations)
+
+
+def test_shapes_and_label_bijection():
+    pool = _coded_pool()
+    t = sample_tasks(pool, jax.random.PRNGKey(0), ways=5, shots=2, queries=3, num_tasks=7)
+    assert t.support_x.shape == (7, 10, 8, 8, 1) and t.query_x.shape == (7, 15, 8, 8, 1)
+    assert t.class_ids.shape == (7, 5)
+    sx, sy, qx, qy, cids = map(np.asarray, t)
+    for task in range(7):
+        assert len(set(cids[task])) == 5  # distinct classes
+        # decode the true class of every image from its pixels: it must be class_ids[label]
+        for x, y in ((sx[task], sy[task]), (qx[task], qy[task])):
+            true_class = x[:, 0, 0, 0]
+            np.testing.assert_array_equal(true_class, cids[task][y])
+        # label -> class is a bijection: each label has exactly one class and vice versa
+        pairs = {(int(a), int(b)) for a, b in zip(sy[task], sx[task][:, 0, 0, 0], strict=True)}
+        assert (
+            len(pairs) == 5 and len({a for a, _ in pairs}) == 5 and len({b for _, b in pairs}) == 5
+        )
+        # support and query images of a class are distinct images
+        for c in range(5):
+            s_idx = set(sx[task][sy[task] == c][:, 0, 1, 0])
+            q_idx = set(qx[task][qy[task] == c][:, 0, 1, 0])
+            assert len(s_idx) == 2 and len(q_idx) == 3 and not (s_idx & q_idx)
+
+
+def test_deterministic_in_rng():
+    pool = _coded_pool()
+    a = sample_tasks(pool, jax.random.PRNGKey(3), 5, 1, 2, 4)
+    b = sample_tasks(pool, jax.random.PRNGKey(3), 5, 1, 2, 4)
+    c = sample_tasks(pool, jax.random.PRNGKey(4), 5, 1, 2, 4)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a.class_ids, c.class_ids)
+
+
+def test_rotated_classes_are_rotated_copies():
+    pool = _coded_pool(num_classes=3, rotations=True)
+    assert pool.num_classes == 12
+    t = sample_tasks(pool, jax.random.PRNGKey(1), ways=12, shots=1, queries=0, num_tasks=1)
+    for img, cid in zip(np.asarray(t.support_x[0]), np.asarray(t.class_ids[0]), strict=True):
+        base = np.zeros((8, 8), np.uint8)
+        base[0, 2] = 200
+        expect = np.rot90(base, cid % 4)
+        np.testing.assert_array_equal(img[..., 0] == 200, expect == 200)
+
+
+def test_variable_images_per_class_never_pads():
+    imgs = np.arange(13, dtype=np.uint8).reshape(13, 1, 1, 1).repeat(2, 1).repeat(2, 2)
+    labels = np.array([0] * 3 + [1] * 10)
+    pool = make_pool(imgs, labels)
+    for s in range(20):
+        t = sample_tasks(pool, jax.random.PRNGKey(s), 2, 1, 2, 1)
+        vals = np.concatenate([t.support_x[0, :, 0, 0, 0], t.query_x[0, :, 0, 0, 0]])
+        cls = np.concatenate([t.class_ids[0][t.support_y[0]], t.class_ids[0][t.query_y[0]]])
+        assert np.all((vals < 3) == (cls == 0))  # class 0 only ever draws its own 3 images
+        assert len(set(vals[cls == 0])) == 3
+
+
+def test_random_shift_is_a_translation():
+    x = jnp.zeros((4, 10, 10, 1)).at[:, 5, 5, 0].set(1.0)
+    y = random_shift(jax.random.PRNGKey(0), x, 2)
+    assert float(y.sum()) == 4.0  # the centre pixel moved, nothing was lost
+    pos = np.argwhere(np.asarray(y[..., 0]) == 1.0)[:, 1:]
+    assert np.all(np.abs(pos - 5) <= 2)

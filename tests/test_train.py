@@ -1,0 +1,220 @@
+"""End to end through the CLI pieces: run contract, one compilation, exact resume, API, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, load_config
+
+from mtl_gbml import train
+from mtl_gbml.config_validation import ConfigError, validate
+
+CONFIG = "configs/omniglot/mtl.py"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = load_config(CONFIG, "runlocal")
+    results = train.train_and_evaluate(config, workdir)
+    return workdir, results
+
+
+def test_run_leaves_the_contract_files(finished_run):
+    workdir, results = finished_run
+    for f in ("config.json", "checkpoints", "metrics.jsonl", "results.json", "results.md"):
+        assert os.path.exists(os.path.join(workdir, f)), f
+    saved = json.load(open(os.path.join(workdir, "results.json")))
+    assert saved["algorithm"] == "mtl" and saved["bn_mode"] == "inductive"
+    assert saved["devices"] == jax.device_count() and saved["processes"] == 1
+    assert saved["train"]["steps"] == 4 and len(saved["train"]["params_digest"]) == 64
+    for k in ("5way1shot", "20way1shot"):
+        e = saved["eval"][k]
+        assert 0 <= e["accuracy"] <= 100 and e["ci95"] > 0 and e["episodes"] == 40
+        assert e["split"] == "test"
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [x["step"] for x in lines] == [2, 4]
+    assert {"loss", "accuracy", "steps_per_sec", "wall_s", "val_accuracy"} <= set(lines[0])
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_rerun_resumes_and_changes_nothing(finished_run):
+    workdir, results = finished_run
+    again = train.train_and_evaluate(load_config(CONFIG, "runlocal"), workdir)
+    assert again["train"]["params_digest"] == results["train"]["params_digest"]
+    assert again["eval"] == results["eval"]
+
+
+def test_resume_with_a_different_config_is_refused(finished_run):
+    workdir, _ = finished_run
+    config = load_config(CONFIG, "runlocal")
+    config.unlock()
+    config.optimizer.lr = 0.5
+    with pytest.raises(ConfigError, match="optimizer.lr"):
+        train.train_and_evaluate(config, workdir)
+
+
+def test_train_step_compiles_once(data_dir):
+    from mtl_gbml import algorithms, models, optim
+    from mtl_gbml.data import datasets
+    from mtl_gbml.data.sampler import prepare_tasks, sample_tasks
+
+    config = load_config(CONFIG, "runlocal")
+    pool = datasets.load_pool(config.data, "train")
+    algo = algorithms.build("mtl", models.build(config.model), config, pool.num_classes)
+    tx = optim.make(config.optimizer, 10)
+    key = jax.random.PRNGKey(0)
+    ex = prepare_tasks(sample_tasks(pool, key, 5, 1, 2, 1), key, "none", 0)
+    params, state = algo.init(key, ex)
+    z = lambda v, dt=np.float32: jax.numpy.asarray(v, dt)
+    copy = lambda t: jax.tree.map(jax.numpy.copy, t)
+    ts = train.TrainState(
+        z(0, np.int32),
+        params,
+        state,
+        tx.init(params),
+        copy(params),
+        copy(state),
+        z(-1.0),
+        z(-1, np.int32),
+        z(0.0),
+        z(0.0),
+        z(0.0),
+        z(0, np.int32),
+        z(0, np.int32),
+        z(-1, np.int32),
+        z(-1, np.int32),
+    )
+    step = train.make_train_step(algo, tx, config, train.make_mesh())
+    for _ in range(3):
+        ts = step(ts, pool, key)
+    assert int(ts.step) == 3
+    assert step._cache_size() == 1
+
+
+def _cli(workdir, *overrides):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [
+        sys.executable,
+        "-m",
+        "mtl_gbml.train",
+        f"--config={CONFIG}:runlocal",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, data_dir):
+    over = [
+        "--config.train.steps=120",
+        "--config.checkpoint.every=5",
+        "--config.train.eval_every=40",
+        "--config.train.log_every=5",
+    ]
+    ref = _cli(tmp_path / "ref", *over)
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out.decode()[-3000:]
+    victim = _cli(tmp_path / "killed", *over)
+    ckpt = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None:
+        steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if ckpt.exists() else []
+        if steps and max(steps) >= 10:
+            victim.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "results.json").exists()
+    resumed = _cli(tmp_path / "killed", *over)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out.decode()[-3000:]
+    assert b"Resumed from checkpoint" in out
+    a = json.load(open(tmp_path / "ref" / "results.json"))
+    b = json.load(open(tmp_path / "killed" / "results.json"))
+    assert a["train"]["params_digest"] == b["train"]["params_digest"]
+    assert a["eval"] == b["eval"]
+    ma = [json.loads(x) for x in open(tmp_path / "ref" / "metrics.jsonl")]
+    mb = [json.loads(x) for x in open(tmp_path / "killed" / "metrics.jsonl")]
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
+
+
+def test_fewshot_learner_api_and_evaluate_cli(finished_run, data_dir):
+    from mtl_gbml.api import FewShotLearner
+    from mtl_gbml.evaluate import evaluate_workdir
+
+    workdir, _ = finished_run
+    learner = FewShotLearner.from_workdir(workdir)
+    rng = np.random.default_rng(0)
+    # raw-format images (any size, dark strokes on white): two very different "classes"
+    blank = np.full((105, 105), 255, np.uint8)
+    a, b = blank.copy(), blank.copy()
+    a[20:85, 45:60] = 0  # a vertical bar
+    b[45:60, 20:85] = 0  # a horizontal bar
+    noisy = lambda im: np.clip(im.astype(int) + rng.integers(-20, 20, im.shape), 0, 255).astype(
+        np.uint8
+    )
+    pred = learner.predict([a, b], ["bar|", "bar-"], [noisy(a), noisy(b), noisy(a)])
+    assert list(pred) == ["bar|", "bar-", "bar|"]
+    assert learner.logits([a, b], [3, 7], [a]).shape == (1, 2)
+    out = evaluate_workdir(workdir, settings=[(5, 1)], episodes=30, split="val")
+    assert out["eval"]["5way1shot"]["episodes"] == 30 and out["split"] == "val"
+    assert os.path.exists(os.path.join(workdir, "eval_val.json"))
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("data.ways", 5000, "data.ways=5000 but split 'train' has 4112 classes"),
+        ("data.queries", 25, "lower data.queries"),
+        ("algorithm", "mamll", "did you mean 'maml'"),
+        ("model.name", "conv5", "model.name='conv5' is unknown"),
+        ("train.steps", 0, "train.steps=0 must be positive"),
+        ("optimizer.lr", -1.0, "optimizer.lr=-1.0 must be positive"),
+        ("data.name", "omniglott", "did you mean 'omniglot'"),
+        ("eval.settings", ("5w1s", "5way"), "'<ways>w<shots>s'"),
+        ("model.bn_mode", "both", "model.bn_mode='both'"),
+    ],
+)
+def test_bad_configs_fail_before_compiling(key, value, message):
+    config = load_config(CONFIG, "runlocal")
+    config.unlock()
+    sec, k = key.split(".") if "." in key else (None, key)
+    if sec:
+        config[sec][k] = value
+    else:
+        config[k] = value
+    with pytest.raises((ConfigError, ValueError), match=message):
+        validate(config)
+
+
+def test_unknown_override_key_is_refused_with_a_suggestion(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtl_gbml.train",
+            f"--config={CONFIG}:runlocal",
+            f"--workdir={tmp_path}",
+            "--config.train.stesp=3",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode != 0
+    assert "stesp" in r.stderr and "steps" in r.stderr
+    assert not os.path.exists(tmp_path / "config.json")
