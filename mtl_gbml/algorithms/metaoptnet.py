@@ -109,7 +109,7 @@ def _bwd(c, ridge, steps, cg_steps, res, v):
     count = jnp.maximum(m.sum(-1, keepdims=True), 1.0)
     proj = lambda z: m * (z - (m * z).sum(-1, keepdims=True) / count)
     op = lambda w: proj(kernel @ proj(w) + ridge * proj(w)) + w - proj(w)
-    w, _ = jax.scipy.sparse.linalg.cg(op, proj(v), maxiter=cg_steps)
+    w, _ = jax.scipy.sparse.linalg.cg(op, proj(v), tol=1e-10, maxiter=cg_steps)
     return (-proj(w) @ a.T, jnp.zeros_like(y))
 
 

@@ -1,0 +1,40 @@
+"""Meta-MinibatchProx (proximal inner solve, first-order proximal meta-update) on Omniglot
+20-way 1-shot, Vinyals split, Conv4, inductive BatchNorm.
+
+python -m mtl_gbml.train --config configs/omniglot/minibatchprox.py --workdir runs/omniglot_minibatchprox
+Target: no Omniglot number in ../shared/docs/ANCHORS.md; compare with MAML's 98.7 / 99.9 / 95.8 /
+98.9 for 5w1s / 5w5s / 20w1s / 20w5s. Proximal strength lambda 1, 10 GD steps of lr 0.1 on each
+task's support+query (train) or support (test), 16 tasks per step, Adam 1e-3 (this project's
+choice, not tuned). `:runlocal` runs in seconds (tests use it).
+"""
+
+from mtl_gbml import base_config
+
+
+def get_config(arg: str | None = None):
+    c = base_config.get_config("minibatchprox")
+    c.data.ways, c.data.shots, c.data.queries = 20, 1, 15
+    c.data.tasks_per_step = 16
+    c.algo.lam = 1.0
+    c.algo.inner_steps, c.algo.inner_lr = 10, 0.1
+    c.algo.test_inner_steps, c.algo.test_inner_lr = 10, 0.1
+    c.optimizer.name, c.optimizer.lr = "adam", 1e-3
+    c.train.steps = 60000
+    c.train.time_budget_s = 5400.0
+    c.train.log_every = 25
+    c.train.eval_every = 500
+    c.train.val_episodes = 200
+    c.train.val_setting = "20w1s"
+    c.checkpoint.every = 250
+    c.eval.episodes, c.eval.batch = 1000, 25  # per-episode adaptation: memory grows with batch
+    if arg == "runlocal":
+        c.model.width = 8
+        c.data.ways, c.data.tasks_per_step, c.data.queries = 5, 2, 2
+        c.algo.inner_steps, c.algo.test_inner_steps = 1, 2
+        c.train.steps, c.train.log_every, c.train.eval_every, c.checkpoint.every = 2, 1, 0, 2
+        c.train.time_budget_s = 0.0
+        c.eval.episodes, c.eval.batch = 10, 10
+        c.eval.settings = ("5w1s",)
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r}; use 'runlocal' or none")
+    return c
