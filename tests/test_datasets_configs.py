@@ -30,8 +30,8 @@ OFFICIAL = {
 }
 
 
-def _config(name, arg):
-    path = os.path.join(ROOT, "configs", name, "mtl.py")
+def _config(name, arg, algorithm="mtl"):
+    path = os.path.join(ROOT, "configs", name, f"{algorithm}.py")
     spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -56,6 +56,16 @@ def test_official_recipe_values(name):
     assert _config(name, None).to_dict() == _config(name, "5shot").to_dict()
     with pytest.raises(ValueError, match="unknown variant"):
         _config(name, "3shot")
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_baseline_configs_validate(name):
+    """ProtoNet / R2D2 / MetaOptNet (MetaOptNet's ResNet-12 recipe) and MAML (Conv4) configs."""
+    for alg in ("protonet", "r2d2", "metaoptnet", "maml"):
+        for arg in ("5shot", "1shot", "runlocal"):
+            c = _config(name, arg, alg)
+            validate(c)
+            assert (c.algorithm, c.data.name, c.data.rotations) == (alg, name, False)
 
 
 @pytest.fixture(scope="module")
