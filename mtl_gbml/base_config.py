@@ -35,7 +35,10 @@ def get_config(algorithm: str = "mtl") -> ml_collections.ConfigDict:
     c.model.name = "conv4"
     c.model.width = 64
     c.model.pool_last = True
-    c.model.conv_impl = "xla"  # conv4 only: 'xla' | 'im2col'
+    c.model.conv_impl = "xla"  # conv4 only: 'xla' | 'im2col' | 'im2col_first' (models/conv4.py)
+    # conv4 only: 'reference' (conv-BN-ReLU-pool) | 'fused' (pool before the BN affine + ReLU;
+    # exact, see models/conv4.py and benchmarks/results/fast_backbone.md)
+    c.model.block = "reference"
     c.model.dtype = "float32"
     c.model.bn_mode = "inductive"  # test-time BatchNorm: 'inductive' (running) | 'transductive'
     c.model.resnet_widths = (64, 160, 320, 640)

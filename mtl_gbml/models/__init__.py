@@ -20,7 +20,11 @@ BN_MODES = ("inductive", "transductive")
 
 _REGISTRY: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
     "conv4": lambda c: Conv4(
-        width=c.width, pool_last=c.pool_last, dtype=jnp.dtype(c.dtype), conv_impl=c.conv_impl
+        width=c.width,
+        pool_last=c.pool_last,
+        dtype=jnp.dtype(c.dtype),
+        conv_impl=c.conv_impl,
+        block=c.get("block", "reference"),
     ),
     "resnet12": lambda c: ResNet12(
         widths=tuple(c.resnet_widths),

@@ -1,0 +1,70 @@
+"""Every Conv4 implementation computes the reference function: features, BatchNorm state updates
+and gradients, in training (batch statistics) and at test (running statistics), for any sign of
+the BatchNorm scale."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl_gbml import models
+from mtl_gbml.base_config import get_config
+from mtl_gbml.models.conv4 import BLOCKS, CONV_IMPLS
+
+VARIANTS = [(c, b) for c in CONV_IMPLS for b in BLOCKS if (c, b) != ("xla", "reference")]
+
+
+def _model(pool_last, **kw):
+    c = get_config("mtl").model
+    c.update(width=8, pool_last=pool_last, **kw)
+    return models.build(c)
+
+
+def _setup(pool_last):
+    ref = _model(pool_last)
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 28, 28, 1))
+    params, state = models.init(ref, jax.random.PRNGKey(1), x)
+    # mixed-sign BatchNorm scales: the fused block must pool by min where the scale is negative
+    signs = jnp.where(jnp.arange(8) % 3 == 0, -1.0, 1.0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: v * signs if "scale" in jax.tree_util.keystr(p) else v, params
+    )
+    _, state = models.forward(ref, params, state, 0.5 * x + 0.3, train=True)  # non-trivial stats
+    return ref, params, state, x
+
+
+def _loss(model, params, state, x):
+    feats, new_state = models.forward(model, params, state, x, train=True)
+    w = jnp.sin(jnp.arange(feats.shape[-1], dtype=jnp.float32))
+    return jnp.sum(jnp.tanh(feats) * w), new_state
+
+
+@pytest.mark.parametrize("pool_last", [True, False])
+@pytest.mark.parametrize("conv_impl,block", VARIANTS)
+def test_variant_equals_reference(conv_impl, block, pool_last):
+    ref, params, state, x = _setup(pool_last)
+    fast = _model(pool_last, conv_impl=conv_impl, block=block)
+    # same parameter and state trees: checkpoints are interchangeable
+    p2, s2 = models.init(fast, jax.random.PRNGKey(1), x)
+    assert jax.tree.structure(p2) == jax.tree.structure(params)
+    assert jax.tree.structure(s2) == jax.tree.structure(state)
+
+    (l_ref, st_ref), g_ref = jax.value_and_grad(_loss, 1, has_aux=True)(ref, params, state, x)
+    (l_new, st_new), g_new = jax.value_and_grad(_loss, 1, has_aux=True)(fast, params, state, x)
+    np.testing.assert_allclose(l_new, l_ref, rtol=1e-5, atol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), st_new, st_ref
+    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4), g_new, g_ref)
+    for bn_mode in models.BN_MODES:
+        f_ref, _ = models.forward(ref, params, state, x, train=False, bn_mode=bn_mode)
+        f_new, _ = models.forward(fast, params, state, x, train=False, bn_mode=bn_mode)
+        np.testing.assert_allclose(f_new, f_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_implementation_is_named():
+    x = jnp.zeros((1, 28, 28, 1))
+    with pytest.raises(ValueError, match="model.block"):
+        models.init(_model(True, block="nope"), jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="model.conv_impl"):
+        models.init(_model(True, conv_impl="nope"), jax.random.PRNGKey(0), x)
