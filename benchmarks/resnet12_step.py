@@ -77,13 +77,15 @@ def time_config(name: str, arg: str, steps: int, max_images: int) -> dict:
     params, state, opt_state, loss = step(params, state, opt_state, key)
     jax.block_until_ready(loss)
     first = time.perf_counter() - t0  # compile + one step
-    times = []
+    times, cpu = [], []
     for i in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         params, state, opt_state, loss = step(params, state, opt_state, jax.random.fold_in(key, i))
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - t0)
-    step_s = float(np.median(times))
+        cpu.append(time.process_time() - c0)
+    step_s, cpu_s = float(np.median(times)), float(np.median(cpu))
+    scale = tasks / timed_tasks
     return {
         "config": f"configs/{name}/mtl.py:{arg}",
         "image_size": size,
@@ -93,7 +95,9 @@ def time_config(name: str, arg: str, steps: int, max_images: int) -> dict:
         "timed_images": timed_tasks * per_task,
         "first_call_s": round(first, 2),
         "step_s_measured": round(step_s, 3),
-        "step_s": round(step_s * tasks / timed_tasks, 3),
+        "step_s": round(step_s * scale, 3),
+        "step_cpu_s_measured": round(cpu_s, 3),
+        "step_cpu_s": round(cpu_s * scale, 3),
         "extrapolated": timed_tasks != tasks,
         "steps_timed": steps,
         "loss_finite": bool(np.isfinite(float(loss))),
@@ -111,21 +115,23 @@ def write(rows: list[dict], env: dict) -> None:
         "",
         f"Machine: {env['machine']}; {env['cpus']} CPUs; jax {env['jax']} on {env['backend']}. "
         "The machine was shared with long training runs (1-minute load average in the table, on "
-        "2 cores) and this ran under `nice -n 15`: absolute times are upper bounds several times "
-        "an idle machine's; compare ratios. Each row's command is in resnet12_step.json. A step "
-        "timed with fewer tasks than the recipe's (memory) is scaled linearly to the recipe.",
+        "2 cores) and this ran under `nice -n 15`, so wall times are several times an idle "
+        "machine's; the CPU seconds the step consumed (process time, both cores' threads "
+        "summed) depend much less on the load and are the number to compare. Each row's command "
+        "is in resnet12_step.json. A step timed with fewer tasks than the recipe's (memory) is "
+        "scaled linearly to the recipe's tasks per step.",
         "",
-        "| config | image | tasks/step | images/step | step (s) | first call incl. compile (s) "
-        "| CPU-hours per 1600-task epoch | load |",
-        "|---|---|---|---|---|---|---|---|",
+        "| config | image | tasks/step | images/step | step, CPU s (all threads) | step, wall s "
+        "| first call incl. compile, wall s | CPU-hours per 1600-task epoch | load |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         note = f" (timed {r['timed_tasks']} task(s), scaled)" if r["extrapolated"] else ""
-        epoch_h = r["step_s"] * r["steps_per_epoch"] / 3600
+        epoch_h = r["step_cpu_s"] * r["steps_per_epoch"] / 3600
         lines.append(
             f"| `{r['config']}` | {r['image_size']}x{r['image_size']} | {r['tasks_per_step']} | "
-            f"{r['images_per_step']} | {r['step_s']:.2f}{note} | {r['first_call_s']:.1f} | "
-            f"{epoch_h:.1f} | {r.get('load_avg_1min', '')} |"
+            f"{r['images_per_step']} | {r['step_cpu_s']:.1f}{note} | {r['step_s']:.1f} | "
+            f"{r['first_call_s']:.0f} | {epoch_h:.1f} | {r.get('load_avg_1min', '')} |"
         )
     lines.append("")
     with open(os.path.join(OUT, "resnet12_step.md"), "w") as f:

@@ -86,3 +86,20 @@ def test_truncated_and_missing_files_name_the_file(tmp_path):
         safe_pickle.load(str(path), "a dict")
     with pytest.raises(DataError, match="missing file .*nope.pkl"):
         safe_pickle.load(str(tmp_path / "nope.pkl"), "a dict")
+
+
+# np.array([97, 98, 99], np.uint8) and {'label_specific': that} as Python 2's cPickle (protocol 2)
+# writes them: module numpy.core.multiarray, py2 str (SHORT_BINSTRING) data, as in the original
+# tiered-ImageNet and CIFAR-100 files
+_PY2_ARRAY = (
+    b"cnumpy.core.multiarray\n_reconstruct\nq\x01cnumpy\nndarray\nq\x02K\x00\x85U\x01b\x87R"
+    b"(K\x01K\x03\x85cnumpy\ndtype\nq\x03U\x02u1K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff\xff\xff"
+    b"J\xff\xff\xff\xffK\x00tb\x89U\x03abctb"
+)
+
+
+def test_python2_numpy_pickles_load():
+    arr = safe_pickle.loads(b"\x80\x02" + _PY2_ARRAY + b".")
+    assert arr.dtype == np.uint8 and arr.tolist() == [97, 98, 99]
+    d = safe_pickle.loads(b"\x80\x02}q\x00U\x0elabel_specificq\x04" + _PY2_ARRAY + b"s.")
+    assert list(d) == ["label_specific"] and d["label_specific"].tolist() == [97, 98, 99]
