@@ -59,22 +59,23 @@ def write_markdown(payload: dict, path: Path) -> None:
             f"{_fmt(r0['shared_merged']['gap'])} | {_fmt(r0['indep_query']['gap_rel_anil'])} | "
             f"{g0['mean'] * d:.3g} |"
         )
-    lines += [
-        "",
-        f"## λτ sweep at L = {fixed}",
-        "",
-        "| λτ | gap (main) | ANIL drift ‖F(λτ)−F(0)‖/‖F(0)‖ | merged | fit-to-convergence | "
-        "gap/(λτ+1/L) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for lt in lts:
-        r = _rec(payload, fixed, lt)
-        env = lt + 1.0 / fixed
-        lines.append(
-            f"| {lt:.2g} | {_fmt(r['shared_query']['gap'])} | {_fmt(r['anil_drift'])} | "
-            f"{_fmt(r['shared_merged']['gap'])} | {_fmt(r['shared_query_fit']['gap'])} | "
-            f"{r['shared_query']['gap']['mean'] / env:.3g} |"
-        )
+    for depth in dict.fromkeys([fixed, depths[-1]]):
+        lines += [
+            "",
+            f"## λτ sweep at L = {depth}",
+            "",
+            "| λτ | gap (main) | ANIL drift ‖F(λτ)−F(0)‖/‖F(0)‖ | merged | fit-to-convergence | "
+            "gap/(λτ+1/L) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for lt in lts:
+            r = _rec(payload, depth, lt)
+            env = lt + 1.0 / depth
+            lines.append(
+                f"| {lt:.2g} | {_fmt(r['shared_query']['gap'])} | {_fmt(r['anil_drift'])} | "
+                f"{_fmt(r['shared_merged']['gap'])} | {_fmt(r['shared_query_fit']['gap'])} | "
+                f"{r['shared_query']['gap']['mean'] / env:.3g} |"
+            )
     lines += ["", "## Fitted local log-log exponents", ""]
     for name, f in payload["fits"].items():
         lines.append(f"- {name}: `{_short(f)}`")
