@@ -83,5 +83,16 @@ def get_config(algorithm: str = "mtl") -> ml_collections.ConfigDict:
     c.eval.logreg_c = 3.0  # inverse L2 strength of the test-time logistic regression (sklearn C)
     c.eval.logreg_steps = 300
 
+    # devices and hosts (see mtl_gbml/parallel.py); none of these change the results
+    c.parallel = ml_collections.ConfigDict()
+    # multi-host: coordinator ('host:port' of process 0), num_processes and process_id; or
+    # distributed=True to let jax.distributed.initialize() detect them (TPU pods, SLURM, Open MPI,
+    # or $JAX_COORDINATOR_ADDRESS / $JAX_NUM_PROCESSES / $JAX_PROCESS_ID)
+    c.parallel.distributed = False
+    c.parallel.coordinator = ""
+    c.parallel.num_processes = 0  # 0 = detect
+    c.parallel.process_id = -1  # -1 = detect
+    c.parallel.shard_head = False  # MTL: split the head table's class axis over the devices
+
     c.algo = algorithms.default_config(algorithm)
     return c

@@ -3,6 +3,10 @@
 Sampling, augmentation, the algorithm's meta-loss and the optax update run in one jitted step that
 compiles once; the host only syncs every ``train.log_every`` steps. Rerunning with the same workdir
 resumes from the last checkpoint and gives the same result as an uninterrupted run.
+
+The same code runs on one device, many devices and many hosts (``mtl_gbml/parallel.py``): tasks are
+split over a 'data' mesh axis, the global task batch is the same whatever the device or process
+count, process 0 writes the logs and results, and every process takes part in checkpointing.
 """
 
 from __future__ import annotations
@@ -17,10 +21,9 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mtl_gbml import algorithms, models, optim
+from mtl_gbml import algorithms, models, optim, parallel
 from mtl_gbml.checkpointing import Checkpointer
 from mtl_gbml.config_validation import ConfigError, validate
 from mtl_gbml.data import datasets
@@ -58,10 +61,14 @@ def _all_finite(tree) -> jax.Array:
 
 
 def make_mesh() -> Mesh:
-    return Mesh(np.asarray(jax.devices()), ("data",))
+    return parallel.make_mesh()
 
 
-def make_train_step(algorithm, tx, config: ml_collections.ConfigDict, mesh: Mesh):
+def make_train_step(
+    algorithm, tx, config: ml_collections.ConfigDict, mesh: Mesh, state_shardings=None
+):
+    """The jitted step; ``state_shardings`` (a tree like the state, see
+    :func:`parallel.state_shardings`) fixes where the new state lives (replicated by default)."""
     d = config.data
     task_sharding = NamedSharding(mesh, PartitionSpec("data"))
     skip = config.train.nonfinite == "skip"
@@ -98,7 +105,8 @@ def make_train_step(algorithm, tx, config: ml_collections.ConfigDict, mesh: Mesh
             bad_grad_step=first(ts.bad_grad_step, grad_ok),
         )
 
-    return jax.jit(step, donate_argnums=0)
+    out = state_shardings if state_shardings is not None else parallel.replicated(mesh)
+    return jax.jit(step, out_shardings=out, donate_argnums=0)
 
 
 def _check_config_matches(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -109,7 +117,7 @@ def _check_config_matches(workdir: str, config: ml_collections.ConfigDict) -> No
         diffs = [
             f"{sec}.{k}" if isinstance(new.get(sec), dict) else sec
             for sec in sorted(set(old) | set(new))
-            if sec != "eval"
+            if sec not in ("eval", "parallel")  # neither changes the trained parameters
             for k in (
                 sorted(set(old.get(sec, {})) | set(new.get(sec, {})))
                 if isinstance(new.get(sec), dict)
@@ -123,24 +131,48 @@ def _check_config_matches(workdir: str, config: ml_collections.ConfigDict) -> No
                 f"{workdir} holds a run with a different config (differs in {diffs}); resuming "
                 "would mix two runs. Use a new --workdir, or the original config."
             )
-    with open(path, "w") as f:
-        json.dump(new, f, indent=2)
+    parallel.sync("config_checked")  # every process has read the old file
+    if parallel.is_primary():
+        with open(path, "w") as f:
+            json.dump(new, f, indent=2)
 
 
 def _scalar(x, dtype=jnp.float32):
+    if jax.process_count() > 1:  # a jit input must be a global array: replicate it
+        return parallel.scalar(parallel.host(x), dtype, parallel.make_mesh())
     return jnp.asarray(x, dtype)
+
+
+class _NoWriter:
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _load_pool(data_config, split: str):
+    """Process 0 first (it may prepare the TFDS data), then the others."""
+    if not parallel.is_primary():
+        parallel.sync(f"load_{split}")
+    pool = datasets.load_pool(data_config, split)
+    if parallel.is_primary():
+        parallel.sync(f"load_{split}")
+    return pool
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint), evaluate, write results."""
+    parallel.initialize(config.get("parallel"))  # before anything touches the devices
     validate(config)  # before anything loads or compiles
     os.makedirs(workdir, exist_ok=True)
     _check_config_matches(workdir, config)
     t_start = time.time()
+    primary = parallel.is_primary()
 
     mesh = make_mesh()
     replicated = NamedSharding(mesh, PartitionSpec())
-    train_pool = jax.device_put(datasets.load_pool(config.data, "train"), replicated)
+    train_pool = parallel.put(_load_pool(config.data, "train"), replicated)
     model = models.build(config.model)
     algorithm = algorithms.build(config.algorithm, model, config, train_pool.num_classes)
     tx = optim.make(config.optimizer, config.train.steps)
@@ -170,15 +202,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         bad_loss_step=_scalar(-1, jnp.int32),
         bad_grad_step=_scalar(-1, jnp.int32),
     )
+    shard_head = bool(config.get("parallel", {}).get("shard_head", False))
+    if shard_head and config.algorithm != "mtl":
+        raise ConfigError("parallel.shard_head applies to algorithm='mtl' (its head table) only")
+    shardings = parallel.state_shardings(ts, mesh, shard_head)
+    ts = parallel.put(ts, shardings)  # restore reads into these shardings
     ckpt = Checkpointer(workdir, config.checkpoint.keep)
     start = 0
     if ckpt.latest_step() is not None:
         ts = ckpt.restore(ts)
-        start = int(ts.step)
-        print(f"Resumed from checkpoint at step {start} in {ckpt.directory}")
-    ts = jax.device_put(ts, replicated)
-    writer = MetricsWriter(workdir, start)
-    step_fn = make_train_step(algorithm, tx, config, mesh)
+        start = int(parallel.host(ts.step))
+        if primary:
+            print(f"Resumed from checkpoint at step {start} in {ckpt.directory}")
+    writer = MetricsWriter(workdir, start) if primary else _NoWriter()
+    step_fn = make_train_step(algorithm, tx, config, mesh, shardings)
 
     val_pool = None
     val_ways, val_shots = parse_setting(
@@ -187,14 +224,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def validate_now(ts: TrainState) -> TrainState:
         nonlocal val_pool
-        if val_pool is None:
-            val_pool = jax.device_put(
-                datasets.load_pool(config.data, config.train.val_split), replicated
-            )
+        if val_pool is None:  # evaluation runs on each process's first device, alike everywhere
+            val_pool = parallel.local(_load_pool(config.data, config.train.val_split))
         res = evaluate(
             algorithm,
-            ts.params,
-            ts.model_state,
+            parallel.local(ts.params),
+            parallel.local(ts.model_state),
             val_pool,
             [(val_ways, val_shots)],
             episodes=config.train.val_episodes,
@@ -204,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             bn_mode=config.model.bn_mode,
         )
         acc = next(iter(res.values()))["accuracy"]
-        if acc > float(ts.best_val):
+        if acc > float(parallel.host(ts.best_val)):
             ts = ts.replace(
                 best_params=copy(ts.params),
                 best_model_state=copy(ts.model_state),
@@ -221,7 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def check_finite(ts: TrainState) -> None:
-        bl, bg = int(ts.bad_loss_step), int(ts.bad_grad_step)
+        bl, bg = (int(v) for v in parallel.host((ts.bad_loss_step, ts.bad_grad_step)))
         if config.train.nonfinite == "raise" and (bl >= 0 or bg >= 0):
             which = "loss" if bl >= 0 and (bg < 0 or bl <= bg) else "gradient"
             at = bl if which == "loss" else bg
@@ -241,8 +276,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         unit="step",
         dynamic_ncols=True,
         mininterval=2.0,
+        disable=not primary,
     )
-    wall0 = float(ts.wall_s)
+    wall0 = float(parallel.host(ts.wall_s))
     if config.train.time_budget_s > 0 and wall0 >= config.train.time_budget_s:
         total = start  # the budget was used up before the last stop: evaluate only
     seg_start, seg_step, t_loop = time.time(), start, time.time()
@@ -254,6 +290,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             eval_now = config.train.eval_every and (s % config.train.eval_every == 0 or s == total)
             budget = config.train.time_budget_s
             out_of_time = budget > 0 and wall0 + (time.time() - t_loop) >= budget
+            if jax.process_count() > 1:  # process 0's clock and signals decide for all
+                agreed = parallel.agree([out_of_time, stop["signal"] or 0])
+                out_of_time, stop["signal"] = bool(agreed[0]), int(agreed[1]) or None
             if out_of_time:  # the step that crosses the budget is the last one
                 total = s
                 log_now = True
@@ -262,17 +301,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if log_now or eval_now or ckpt_now:
                 check_finite(ts)
                 now = time.time()
-                wall = wall0 + (now - t_loop)
+                wall = float(parallel.agree(wall0 + (now - t_loop)))
                 ts = ts.replace(wall_s=_scalar(wall))
             if log_now:
-                cnt = max(int(ts.count), 1)
+                count, loss_sum, acc_sum, skipped = parallel.host(
+                    (ts.count, ts.loss_sum, ts.acc_sum, ts.skipped)
+                )
+                cnt = max(int(count), 1)
                 rec = {
                     "step": s,
-                    "loss": float(ts.loss_sum) / cnt,
-                    "accuracy": float(ts.acc_sum) / cnt,
+                    "loss": float(loss_sum) / cnt,
+                    "accuracy": float(acc_sum) / cnt,
                     "steps_per_sec": (s - seg_step) / max(now - seg_start, 1e-9),
                     "wall_s": wall,
-                    "skipped": int(ts.skipped),
+                    "skipped": int(skipped),
                 }
                 ts = ts.replace(
                     loss_sum=_scalar(0.0), acc_sum=_scalar(0.0), count=_scalar(0, jnp.int32)
@@ -312,10 +354,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             signal.signal(sig, h)
 
     # evaluation
-    use_best = config.eval.use_best and int(ts.best_step) >= 0
-    eval_params = ts.best_params if use_best else ts.params
-    eval_state = ts.best_model_state if use_best else ts.model_state
-    test_pool = jax.device_put(datasets.load_pool(config.data, config.eval.split), replicated)
+    step_h, best_step, best_val, wall_s, skipped = (
+        parallel.host(v) for v in (ts.step, ts.best_step, ts.best_val, ts.wall_s, ts.skipped)
+    )
+    use_best = config.eval.use_best and int(best_step) >= 0
+    eval_params = parallel.local(ts.best_params if use_best else ts.params)
+    eval_state = parallel.local(ts.best_model_state if use_best else ts.model_state)
+    test_pool = parallel.local(_load_pool(config.data, config.eval.split))
     settings = [parse_setting(s) for s in config.eval.settings]
     res = evaluate(
         algorithm,
@@ -328,7 +373,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batch=config.eval.batch,
         rng=k_test,
         bn_mode=config.model.bn_mode,
-        progress=True,
+        progress=primary,
     )
     for v in res.values():
         v["split"] = config.eval.split
@@ -340,20 +385,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "devices": jax.device_count(),
         "processes": jax.process_count(),
         "train": {
-            "steps": int(ts.step),
+            "steps": int(step_h),
             "planned_steps": config.train.steps,
-            "wall_s": float(ts.wall_s),
-            "params_digest": params_digest(ts.params),
-            "skipped_steps": int(ts.skipped),
-            "evaluated_params": f"best validation (step {int(ts.best_step)}, "
-            f"{float(ts.best_val):.2f}%)"
+            "wall_s": float(wall_s),
+            "params_digest": params_digest(parallel.host(ts.params)),
+            "skipped_steps": int(skipped),
+            "evaluated_params": f"best validation (step {int(best_step)}, {float(best_val):.2f}%)"
             if use_best
             else "final",
         },
         "eval": res,
         "total_wall_s": time.time() - t_start,
     }
-    write_results(workdir, results)
+    if primary:
+        write_results(workdir, results)
     ckpt.close()
     return results
 
@@ -377,7 +422,8 @@ def main(argv=None) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
 
         results = train_and_evaluate(flags_.config, flags_.workdir)
-        print(results_markdown(results))
+        if jax.process_index() == 0:
+            print(results_markdown(results))
 
     app.run(run, argv=argv)
 

@@ -52,7 +52,7 @@ def get_config(arg: str | None = None):
         c.eval.episodes = 2000
     elif arg == "runlocal":
         c.model.width = 8
-        c.data.ways, c.data.tasks_per_step, c.data.queries = 5, 2, 2
+        c.data.ways, c.data.tasks_per_step, c.data.queries = 5, 4, 2  # 4: splits over 1, 2, 4 devices
         c.train.steps, c.train.log_every, c.train.eval_every, c.checkpoint.every = 4, 2, 2, 2
         c.train.time_budget_s = 0.0
         c.train.val_episodes, c.eval.episodes, c.eval.batch = 20, 40, 20
