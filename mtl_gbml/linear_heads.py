@@ -31,29 +31,51 @@ def logistic_regression(
     c: float = 3.0,
     steps: int = 300,
 ) -> tuple[jax.Array, jax.Array]:
-    """(W [ways, D], b [ways]) minimising ``c * sum_i CE(W f_i + b, y_i) + 0.5 * ||W||^2``."""
+    """(W [ways, D], b [ways]) minimising ``c * sum_i CE(W f_i + b, y_i) + 0.5 * ||W||^2``.
+
+    With fewer support points than feature dimensions (few-shot: n = ways * shots << D), the
+    iterates are run in the span of the support features: from W = 0 every gradient step keeps
+    ``W = A^T F`` (the gradient in W is ``F^T (c (P - Y) + A)``), so the same iterates follow from
+    ``A [n, ways]`` and the Gram matrix ``F F^T`` at O(n^2 ways) a step instead of O(n D ways).
+    """
     n, d = support_f.shape
     xa = jnp.concatenate([support_f, jnp.ones((n, 1), support_f.dtype)], axis=1)
     onehot = jax.nn.one_hot(support_y, ways, dtype=support_f.dtype)
+    gram = support_f @ support_f.T  # [n, n]
     # Hessian of the CE sum <= 0.5 * xa^T xa (x) I, so L = 0.5 c lambda_max(xa xa^T) + 1
-    lam = _top_eigenvalue(xa @ xa.T) * 1.05
+    lam = _top_eigenvalue(gram + 1.0) * 1.05  # xa xa^T = F F^T + 1 1^T
     lipschitz = 0.5 * c * lam + 1.0
     kappa = lipschitz  # strong convexity 1 (in W)
     momentum = (jnp.sqrt(kappa) - 1.0) / (jnp.sqrt(kappa) + 1.0)
+
+    def run(grad, theta0):
+        def body(carry, _):
+            theta, prev = carry
+            look = jax.tree.map(lambda t, p: t + momentum * (t - p), theta, prev)
+            new = jax.tree.map(lambda t, g: t - g / lipschitz, look, grad(look))
+            return (new, theta), None
+
+        (theta, _), _ = jax.lax.scan(body, (theta0, theta0), None, length=steps)
+        return theta
+
+    if n <= d:  # dual-span iterates: W = A^T F
+
+        def grad_span(theta):
+            a, b = theta
+            g = c * (jax.nn.softmax(gram @ a + b, axis=-1) - onehot)
+            return g + a, g.sum(0)
+
+        zeros = (jnp.zeros((n, ways), support_f.dtype), jnp.zeros((ways,), support_f.dtype))
+        a, b = run(grad_span, zeros)
+        return a.T @ support_f, b
+
     mask = jnp.concatenate([jnp.ones((d,)), jnp.zeros((1,))]).astype(support_f.dtype)
 
     def grad(theta):  # theta [D+1, ways]
         p = jax.nn.softmax(xa @ theta, axis=-1)
         return c * xa.T @ (p - onehot) + mask[:, None] * theta
 
-    def body(carry, _):
-        theta, prev = carry
-        look = theta + momentum * (theta - prev)
-        new = look - grad(look) / lipschitz
-        return (new, theta), None
-
-    theta0 = jnp.zeros((d + 1, ways), support_f.dtype)
-    (theta, _), _ = jax.lax.scan(body, (theta0, theta0), None, length=steps)
+    theta = run(grad, jnp.zeros((d + 1, ways), support_f.dtype))
     return theta[:d].T, theta[d]
 
 
