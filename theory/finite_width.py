@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m theory.finite_width --out DIR [--quick]
+    python -m theory.finite_width --out DIR [--quick] [--resume]
 
 For each depth L and inner-loop budget λτ (τ = 5 GD steps of rate λ = λτ/τ), and for several
 widths and seeds, real NTK-parameterised ReLU MLPs (:mod:`theory.mlp`, centred so the initial
@@ -45,12 +45,12 @@ def _config(quick: bool) -> dict:
         runs=[
             (1, 0.05, [128, 512, 2048, 8192]),
             (1, 0.5, [128, 512, 2048, 8192]),
-            (2, 0.05, [128, 256, 512, 1024, 2048]),
-            (2, 0.5, [128, 256, 512, 1024, 2048]),
-            (4, 0.05, [128, 256, 512, 1024]),
-            (4, 0.5, [128, 256, 512, 1024]),
+            (2, 0.05, [128, 256, 512, 1024]),
+            (2, 0.5, [128, 256, 512, 1024]),
+            (4, 0.05, [128, 256, 512]),
+            (4, 0.5, [128, 256, 512]),
         ],
-        seeds=4,
+        seeds=3,
         steps=600,
     )
 
@@ -115,6 +115,7 @@ def run_config(prob, layout, depth: int, lam_tau: float, widths: list[int], seed
     n_train = prob.train.n_tasks
     per_width = []
     for width in widths:
+        t_w = time.time()
         rows = []
         for seed in range(seeds):
             p = init_mlp(
@@ -147,7 +148,7 @@ def run_config(prob, layout, depth: int, lam_tau: float, widths: list[int], seed
             )
             for key in ("err_anil", "err_mtl", "gap", "loss_anil", "loss_mtl")
         }
-        per_width.append(dict(width=width, seeds=rows, **agg))
+        per_width.append(dict(width=width, seeds=rows, seconds=time.time() - t_w, **agg))
         print(
             f"L={depth} λτ={lam_tau} width={width}: err_anil={agg['err_anil']['mean']:.3g} "
             f"err_mtl={agg['err_mtl']['mean']:.3g} gap={agg['gap']['mean']:.3g} "
@@ -188,6 +189,7 @@ def write_outputs(payload: dict, out: Path) -> None:
     lines = [
         "# Finite-width networks vs infinite-width kernel predictors",
         "",
+        *([] if payload.get("complete", True) else ["**Partial results (run interrupted).**", ""]),
         f"Command: `{payload['command']}` ({payload['seconds']:.0f} s). "
         f"Problem `{payload['config']['problem']}`, τ = {TAU}, {payload['config']['seeds']} seeds "
         f"per width, {payload['config']['steps']} outer GD steps, float32 networks.",
@@ -283,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="finite-width ANIL/MTL vs kernel predictors")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--resume", action="store_true", help="reuse configs already in the json")
     args = ap.parse_args(argv)
 
     import jax
@@ -295,14 +298,26 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     prob = make_problem(**cfg["problem"])
     layout = flatten(prob)
-    results = [
-        run_config(prob, layout, d, lt, ws, cfg["seeds"], cfg["steps"]) for d, lt, ws in cfg["runs"]
-    ]
     cmd = (
         "python -m theory.finite_width" + (" --quick" if args.quick else "") + f" --out {args.out}"
     )
-    payload = dict(command=cmd, config=cfg, results=results, seconds=time.time() - t0)
-    write_outputs(payload, args.out)
+    done: dict = {}
+    if args.resume and (args.out / "finite_width.json").exists():
+        old = json.loads((args.out / "finite_width.json").read_text())
+        if old["config"]["seeds"] == cfg["seeds"] and old["config"]["steps"] == cfg["steps"]:
+            done = {(r["depth"], r["lam_tau"]): r for r in old["results"]}
+    results = []
+    for d, lt, ws in cfg["runs"]:
+        prev = done.get((d, lt))
+        if prev is not None and [w["width"] for w in prev["widths"]] == ws:
+            results.append(prev)  # --resume: configuration already computed
+        else:
+            results.append(run_config(prob, layout, d, lt, ws, cfg["seeds"], cfg["steps"]))
+        complete = len(results) == len(cfg["runs"])
+        payload = dict(
+            command=cmd, config=cfg, results=results, complete=complete, seconds=time.time() - t0
+        )
+        write_outputs(payload, args.out)  # after every configuration: partial results survive
     print(f"wrote {args.out}/finite_width.{{json,md,png}} in {time.time() - t0:.0f}s")
     return 0
 

@@ -121,6 +121,8 @@ def write_plots(payload: dict, out: Path) -> None:
         ylabel="‖F_ANIL − F_MTL‖ / ‖F_MTL‖",
         title=f"gap vs λτ (dashed: {c:.2g}·(λτ + 1/L); band: 10–90% of tasks)",
     )
+    top = max(_rec(payload, d, lt)["shared_query"]["gap"]["q90"] for d in depths for lt in pos)
+    ax.set_ylim(top=5 * top)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "gap_vs_lamtau.png", dpi=120)
@@ -165,6 +167,7 @@ def write_plots(payload: dict, out: Path) -> None:
         ylabel="‖F_ANIL(λτ) − F_ANIL(0)‖ / ‖F_ANIL(0)‖",
         title="ANIL drift from λτ = 0 (log-log)",
     )
+    ax.set_ylim(top=10 * max(_rec(payload, d, pos[-1])["anil_drift"]["mean"] for d in depths))
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "anil_drift.png", dpi=120)
