@@ -1,0 +1,68 @@
+"""Assemble benchmarks/results/README_SECTION.md (the README's "Performance" section) from the
+benchmark markdown files in benchmarks/results/.
+
+python benchmarks/readme_section.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+PARTS = [
+    ("fast_backbone", "A fast Conv4 on CPU", "python benchmarks/fast_backbone.py"),
+    (
+        "step_cost",
+        "Step cost: every algorithm against the supervised floor",
+        "python benchmarks/step_cost.py",
+    ),
+    ("eval_throughput", "Evaluation throughput", "python benchmarks/eval_throughput.py"),
+    (
+        "time_to_accuracy",
+        "Time to accuracy",
+        "python benchmarks/time_to_accuracy.py --budget_s 3600 --parallel 2",
+    ),
+]
+
+
+def demote(lines: list[str]) -> list[str]:
+    out = []
+    for line in lines:
+        if line.startswith("# "):
+            continue  # the part's own title is replaced by ours
+        out.append("#" + line if line.startswith("#") else line)
+    return out
+
+
+def main() -> None:
+    md = [
+        "## Performance",
+        "",
+        "All numbers below were measured on this project's 2-core CPU machine (AMD EPYC, AVX-512); "
+        "the machine is shared, so each table quotes medians and ratios measured side by side in "
+        "one run, and says what else was running. Every table starts with the command that "
+        "produced it; the JSON next to each markdown file in `benchmarks/results/` has the raw "
+        "numbers.",
+        "",
+    ]
+    for name, title, cmd in PARTS:
+        md += [f"### {title}", ""]
+        path = os.path.join(C.RESULTS, f"{name}.md")
+        if not os.path.exists(path):
+            md += [f"Not measured yet: run `{cmd}`.", ""]
+            continue
+        lines = open(path).read().splitlines()
+        lines = [
+            ln.replace("](time_to_accuracy.png)", "](benchmarks/results/time_to_accuracy.png)")
+            for ln in lines
+        ]
+        md += ["#" + ln if ln.startswith("## ") else ln for ln in demote(lines)]
+        md.append("")
+    C.write_md("README_SECTION", md)
+
+
+if __name__ == "__main__":
+    main()
