@@ -253,7 +253,11 @@ def time_step(spec: dict) -> dict:
         "compile_s": compile_s,
         "images_per_step": config.data.tasks_per_step * 20 * (config.data.shots + 15),
         "pool_last": bool(config.model.pool_last),
-        "model": {k: config.model[k] for k in ("conv_impl", "block", "dtype") if k in config.model},
+        "model": {
+            k: config.model[k]
+            for k in ("conv_impl", "block", "chunk_first", "dtype")
+            if k in config.model
+        },
         "finite": bool(np.isfinite(float(ts.loss_sum))),
     }
 

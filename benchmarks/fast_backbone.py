@@ -23,6 +23,14 @@ VARIANTS = {
     "im2col_first": ({"model.conv_impl": "im2col_first", "model.block": "reference"}, ""),
     "fused": ({"model.conv_impl": "xla", "model.block": "fused"}, ""),
     "fused+im2col_first": ({"model.conv_impl": "im2col_first", "model.block": "fused"}, ""),
+    "fused+im2col_first+chunk32": (
+        {"model.conv_impl": "im2col_first", "model.block": "fused", "model.chunk_first": 32},
+        "",
+    ),
+    "fused+im2col_first+chunk128": (
+        {"model.conv_impl": "im2col_first", "model.block": "fused", "model.chunk_first": 128},
+        "",
+    ),
     "fused+im2col": ({"model.conv_impl": "im2col", "model.block": "fused"}, ""),
     "fused+im2col_first+bf16": (
         {"model.conv_impl": "im2col_first", "model.block": "fused", "model.dtype": "bfloat16"},
@@ -34,7 +42,8 @@ VARIANTS = {
     ),
 }
 EXACT = {"reference", "im2col_first", "fused", "fused+im2col_first", "fused+im2col"}
-EXACT |= {"fused+im2col_first+no_thunks"}
+EXACT |= {"fused+im2col_first+no_thunks", "fused+im2col_first+chunk32"}
+EXACT |= {"fused+im2col_first+chunk128"}
 
 
 def main() -> None:
@@ -112,9 +121,9 @@ def main() -> None:
         f"float32 2048^2 matmul ceiling: {matmul:.0f} GFLOP/s (before/after: "
         f"{ceiling[0]:.0f}/{ceiling[1]:.0f}).",
         "",
-        "| variant | conv_impl | block | dtype | XLA flags | exact | step (ms) | GFLOP | GFLOP/s "
+        "| variant | conv_impl | block | chunk_first | dtype | XLA flags | exact | step (ms) | GFLOP | GFLOP/s "
         "| of matmul | speedup |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         if "step_ms" not in r:
@@ -122,7 +131,8 @@ def main() -> None:
             continue
         m = r["model"]
         md.append(
-            f"| {name} | {m.get('conv_impl')} | {m.get('block')} | {m.get('dtype')} | "
+            f"| {name} | {m.get('conv_impl')} | {m.get('block')} | {m.get('chunk_first', 0)} | "
+            f"{m.get('dtype')} | "
             f"{r['xla_flags'] or '-'} | {'yes' if r['exact'] else 'no (bf16)'} | "
             f"{r['step_ms']:.0f} | {r['gflop']:.0f} | {r['gflops']:.1f} | "
             f"{100 * r['fraction_of_matmul']:.0f}% | {r['speedup_vs_reference']:.2f}x |"

@@ -11,7 +11,8 @@ from mtl_gbml import models
 from mtl_gbml.base_config import get_config
 from mtl_gbml.models.conv4 import BLOCKS, CONV_IMPLS
 
-VARIANTS = [(c, b) for c in CONV_IMPLS for b in BLOCKS if (c, b) != ("xla", "reference")]
+VARIANTS = [(c, b, 0) for c in CONV_IMPLS for b in BLOCKS if (c, b) != ("xla", "reference")]
+VARIANTS += [("xla", "fused", 4), ("im2col_first", "fused", 3)]  # chunked first block (6 images)
 
 
 def _model(pool_last, **kw):
@@ -40,10 +41,10 @@ def _loss(model, params, state, x):
 
 
 @pytest.mark.parametrize("pool_last", [True, False])
-@pytest.mark.parametrize("conv_impl,block", VARIANTS)
-def test_variant_equals_reference(conv_impl, block, pool_last):
+@pytest.mark.parametrize("conv_impl,block,chunk_first", VARIANTS)
+def test_variant_equals_reference(conv_impl, block, chunk_first, pool_last):
     ref, params, state, x = _setup(pool_last)
-    fast = _model(pool_last, conv_impl=conv_impl, block=block)
+    fast = _model(pool_last, conv_impl=conv_impl, block=block, chunk_first=chunk_first)
     # same parameter and state trees: checkpoints are interchangeable
     p2, s2 = models.init(fast, jax.random.PRNGKey(1), x)
     assert jax.tree.structure(p2) == jax.tree.structure(params)

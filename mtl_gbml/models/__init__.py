@@ -25,6 +25,7 @@ _REGISTRY: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
         dtype=jnp.dtype(c.dtype),
         conv_impl=c.conv_impl,
         block=c.get("block", "reference"),
+        chunk_first=c.get("chunk_first", 0),
     ),
     "resnet12": lambda c: ResNet12(
         widths=tuple(c.resnet_widths),

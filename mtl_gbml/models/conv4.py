@@ -32,6 +32,7 @@ class _Im2colConv(nn.Module):
 
     features: int
     dtype: jnp.dtype = jnp.float32
+    params_only: bool = False  # return (kernel, bias) for a caller that convolves itself
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -39,13 +40,20 @@ class _Im2colConv(nn.Module):
             "kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features)
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        h, w = x.shape[1], x.shape[2]
-        patches = jnp.concatenate(
-            [xp[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)], axis=-1
-        )
-        y = patches.astype(self.dtype) @ kernel.reshape(-1, self.features).astype(self.dtype)
-        return y + bias.astype(self.dtype)
+        if self.params_only:
+            return kernel, bias
+        return im2col_conv(x, kernel, bias, self.dtype)
+
+
+def im2col_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype) -> jax.Array:
+    """3x3 'SAME' convolution as one matmul: [B, H, W, 9 C] patches @ [9 C, F] kernel."""
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = x.shape[1], x.shape[2]
+    patches = jnp.concatenate(
+        [xp[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)], axis=-1
+    )
+    y = patches.astype(dtype) @ kernel.reshape(-1, kernel.shape[-1]).astype(dtype)
+    return y + bias.astype(dtype)
 
 
 class Conv3x3(nn.Module):
@@ -58,6 +66,8 @@ class Conv3x3(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.impl == "params":  # (kernel, bias) only
+            return _Im2colConv(self.features, self.dtype, params_only=True, name="Conv_0")(x)
         if self.impl == "xla":
             return nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype, name="Conv_0")(
                 x
@@ -86,30 +96,69 @@ class FusedBatchNormReluPool(nn.Module):
     epsilon: float = 1e-5
     pool: bool = True
     dtype: jnp.dtype = jnp.float32
+    features: int | None = None  # channels, when called with x=None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
+    def __call__(self, x: jax.Array, pool_and_stats=None) -> jax.Array:
+        """``pool_and_stats(s) -> (pooled map, mean, var)``, if given, replaces ``x``: it pools
+        ``x * s`` (times ``s``) and computes the batch statistics of ``x`` itself (chunked)."""
+        c = self.features if x is None else x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-        if self.use_running_average:
-            mean, var = ra_mean.value, ra_var.value
-        else:
+        # sign of the per-channel slope a = scale / sqrt(var + eps): the sign of scale
+        s = jax.lax.stop_gradient(jnp.where(scale < 0, -1.0, 1.0))
+        if pool_and_stats is not None:
+            x, mean, var = pool_and_stats(s)
+        elif not self.use_running_average:
             xf = x.astype(jnp.float32)
             axes = tuple(range(x.ndim - 1))
             mean, mean2 = xf.mean(axes), (xf * xf).mean(axes)
             var = jnp.maximum(0.0, mean2 - mean * mean)
-            if not self.is_initializing():
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        elif not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         a = scale * jax.lax.rsqrt(var + self.epsilon)  # y = a * (x - mean) + bias
-        if self.pool:
-            s = jax.lax.stop_gradient(jnp.where(a < 0, -1.0, 1.0)).astype(x.dtype)
-            x = max_pool_2x2(x * s) * s  # per channel: max if a >= 0, min if a < 0
+        if self.pool and pool_and_stats is None:
+            sx = s.astype(x.dtype)
+            x = max_pool_2x2(x * sx) * sx  # per channel: max if a >= 0, min if a < 0
         y = (x.astype(jnp.float32) - mean) * a + bias
         return nn.relu(y.astype(self.dtype))
+
+
+def chunked_first_block(x, kernel, bias, s, chunk: int, dtype=jnp.float32):
+    """(max_pool_2x2(conv(x) * s) * s, mean, var) of a 3x3 convolution over ``chunk`` images at a
+    time (im2col matmul): the full-resolution map of a chunk stays in cache and is never stored;
+    the backward pass recomputes it per chunk (``jax.checkpoint``)."""
+    n = x.shape[0]
+
+    def pool_sums(xc):
+        y = im2col_conv(xc, kernel, bias, dtype).astype(jnp.float32)
+        sums = jnp.stack([y.sum((0, 1, 2)), (y * y).sum((0, 1, 2))])
+        return max_pool_2x2(y * s) * s, sums
+
+    pool_sums = jax.checkpoint(pool_sums, prevent_cse=False)
+    main = (n // chunk) * chunk
+    pooled, total = [], jnp.zeros((2, kernel.shape[-1]), jnp.float32)
+    if main:
+        xs = x[:main].reshape((main // chunk, chunk) + x.shape[1:])
+
+        def body(acc, xc):
+            p, sums = pool_sums(xc)
+            return acc + sums, p
+
+        total, p = jax.lax.scan(body, total, xs)
+        pooled.append(p.reshape((main,) + p.shape[2:]))
+    if main < n:
+        p, sums = pool_sums(x[main:])
+        total, pooled = total + sums, pooled + [p]
+    pooled = jnp.concatenate(pooled) if len(pooled) > 1 else pooled[0]
+    mean = total[0] / (n * x.shape[1] * x.shape[2])
+    var = jnp.maximum(0.0, total[1] / (n * x.shape[1] * x.shape[2]) - mean * mean)
+    return pooled.astype(dtype), mean, var
 
 
 class Conv4(nn.Module):
@@ -118,6 +167,7 @@ class Conv4(nn.Module):
     dtype: jnp.dtype = jnp.float32
     conv_impl: str = "xla"
     block: str = "reference"
+    chunk_first: int = 0  # block='fused': first block over this many images at a time (0: off)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, use_batch_stats: bool) -> jax.Array:
@@ -130,8 +180,24 @@ class Conv4(nn.Module):
             impl = self.conv_impl
             if impl == "im2col_first":
                 impl = "im2col" if i == 0 else "xla"
-            x = Conv3x3(self.width, dtype=self.dtype, impl=impl, name=f"Conv3x3_{i}")(x)
             pool = i < 3 or self.pool_last
+            if i == 0 and self.block == "fused" and self.chunk_first > 0 and pool:
+                kernel, bias = Conv3x3(self.width, self.dtype, "params", name="Conv3x3_0")(x)
+                x = FusedBatchNormReluPool(
+                    use_running_average=not use_batch_stats,
+                    momentum=0.9,
+                    epsilon=1e-5,
+                    dtype=self.dtype,
+                    features=self.width,
+                    name="BatchNorm_0",
+                )(
+                    None,
+                    lambda s, x=x, kernel=kernel, bias=bias: chunked_first_block(
+                        x, kernel, bias, s, self.chunk_first, self.dtype
+                    ),
+                )
+                continue
+            x = Conv3x3(self.width, dtype=self.dtype, impl=impl, name=f"Conv3x3_{i}")(x)
             if self.block == "fused":
                 x = FusedBatchNormReluPool(
                     use_running_average=not use_batch_stats,
