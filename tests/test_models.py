@@ -63,8 +63,11 @@ def test_im2col_convolution_matches_xla():
     a, b = Conv4(width=8, conv_impl="xla"), Conv4(width=8, conv_impl="im2col")
     va = a.init(jax.random.PRNGKey(1), x, train=False, use_batch_stats=False)
     vb = b.init(jax.random.PRNGKey(1), x, train=False, use_batch_stats=False)
-    # same weights: the im2col kernel has the XLA kernel's layout
-    vb = jax.tree.map(lambda p, q: q.reshape(p.shape), vb, va)
+    # same weights (leaves in the same order: bias, kernel, BatchNorm per block)
+    leaves_a, leaves_b = jax.tree.leaves(va), jax.tree.leaves(vb)
+    vb = jax.tree.unflatten(
+        jax.tree.structure(vb), [a.reshape(b.shape) for a, b in zip(leaves_a, leaves_b, strict=True)]
+    )
     fa = a.apply(va, x, train=False, use_batch_stats=True, mutable=["batch_stats"])[0]
     fb = b.apply(vb, x, train=False, use_batch_stats=True, mutable=["batch_stats"])[0]
     np.testing.assert_allclose(fa, fb, rtol=1e-4, atol=1e-4)

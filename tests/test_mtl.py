@@ -26,8 +26,8 @@ def _setup(tasks_per_step, num_classes=40, feature_norm=False):
 def test_head_parameters_do_not_grow_with_tasks():
     sizes = []
     for t in (1, 3, 16):
-        _, _, params, _, _ = _setup(t)
-        dim = 8  # runlocal width 8, pooled to 1x1
+        config, _, params, _, _ = _setup(t)
+        dim = config.model.width * (1 if config.model.pool_last else 9)  # 1x1 or 3x3 last map
         assert params["head"].shape == (40, dim)
         sizes.append(sum(x.size for x in jax.tree.leaves(params)))
     assert len(set(sizes)) == 1

@@ -35,6 +35,12 @@ def get_config(arg: str | None = None):
         c.train.time_budget_s = 0.0
         c.eval.episodes, c.eval.batch = 10, 10
         c.eval.settings = ("5w1s",)
+    elif arg == "budget":  # the equal wall-clock budget comparison (benchmarks/time_to_accuracy.py)
+        c.data.queries, c.data.tasks_per_step = 5, 4
+        c.optimizer.schedule = "constant"
+        c.train.steps, c.train.eval_every, c.train.val_episodes = 10**6, 20, 100
+        c.checkpoint.every = 20
+        c.eval.episodes = 500
     elif arg:
-        raise ValueError(f"unknown variant {arg!r}; use 'runlocal' or none")
+        raise ValueError(f"unknown variant {arg!r}; use 'runlocal', 'budget' or none")
     return c

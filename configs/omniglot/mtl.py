@@ -8,6 +8,7 @@ Variants (``--config configs/omniglot/mtl.py:<variant>``):
 - ``plain64``: 64-d features (last block pooled to 1x1), plain logits;
 - ``cosine576``: 576-d features (last block kept 3x3), L2-normalised features, logit scale 10;
 - ``smooth576``: 576-d features, plain logits, label smoothing 0.1 and weight decay 5e-4;
+- ``budget``: constant lr, frequent validation, for the equal wall-clock comparison;
 - ``quick``: the README's few-minute demo on 2 CPU cores;
 - ``runlocal``: seconds; tests use it.
 """
@@ -46,18 +47,28 @@ def get_config(arg: str | None = None):
     c.train.val_setting = "20w1s"
     c.checkpoint.every = 250
     _recipe(c, arg if arg in RECIPES else DEFAULT_RECIPE)
-    if arg == "quick":
+    if arg == "budget":  # the equal wall-clock budget comparison (benchmarks/time_to_accuracy.py)
+        c.optimizer.schedule = "constant"
+        c.train.steps, c.train.eval_every, c.train.val_episodes = 10**6, 50, 500
+        c.checkpoint.every = 50
+    elif arg == "quick":
         c.train.steps, c.train.eval_every, c.checkpoint.every = 300, 100, 100
         c.train.time_budget_s = 0.0
         c.eval.episodes = 2000
     elif arg == "runlocal":
         c.model.width = 8
-        c.data.ways, c.data.tasks_per_step, c.data.queries = 5, 4, 2  # 4: splits over 1, 2, 4 devices
+        c.data.ways, c.data.tasks_per_step, c.data.queries = (
+            5,
+            4,
+            2,
+        )  # 4: splits over 1, 2, 4 devices
         c.train.steps, c.train.log_every, c.train.eval_every, c.checkpoint.every = 4, 2, 2, 2
         c.train.time_budget_s = 0.0
         c.train.val_episodes, c.eval.episodes, c.eval.batch = 20, 40, 20
         c.eval.settings = ("5w1s", "20w1s")
         c.eval.logreg_steps = 50
     elif arg and arg not in RECIPES:
-        raise ValueError(f"unknown variant {arg!r}; use one of {RECIPES + ('quick', 'runlocal')}")
+        raise ValueError(
+            f"unknown variant {arg!r}; use one of {RECIPES + ('quick', 'runlocal', 'budget')}"
+        )
     return c

@@ -32,6 +32,11 @@ def get_config(arg: str | None = None):
         c.train.time_budget_s = 0.0
         c.eval.episodes, c.eval.batch = 20, 10
         c.eval.settings = ("5w1s",)
+    elif arg == "budget":  # the equal wall-clock budget comparison (benchmarks/time_to_accuracy.py)
+        c.optimizer.schedule = "constant"
+        c.train.steps, c.train.eval_every, c.train.val_episodes = 10**6, 50, 500
+        c.checkpoint.every = 50
+        c.eval.episodes = 10000
     elif arg:
-        raise ValueError(f"unknown variant {arg!r}; use 'runlocal' or none")
+        raise ValueError(f"unknown variant {arg!r}; use 'runlocal', 'budget' or none")
     return c

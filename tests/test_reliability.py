@@ -1,0 +1,152 @@
+"""Faults provoked for real: SIGKILL mid-run, a torn checkpoint write, SIGTERM, NaN/Inf, seeds."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import ROOT, load_config
+
+from mtl_gbml import train
+
+CONFIG = "configs/omniglot/mtl.py"
+OVERRIDES = [
+    "--config.train.steps=120",
+    "--config.checkpoint.every=5",
+    "--config.train.eval_every=40",
+    "--config.train.log_every=5",
+]
+
+
+def _cli(workdir, *overrides):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [
+        sys.executable,
+        "-m",
+        "mtl_gbml.train",
+        f"--config={CONFIG}:runlocal",
+        f"--workdir={workdir}",
+        *OVERRIDES,
+        *overrides,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def _finish(proc) -> str:
+    out, _ = proc.communicate(timeout=900)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    return text
+
+
+def _interrupt(workdir, sig, after_step=10):
+    """Start a run and send ``sig`` once a checkpoint at ``after_step`` or later exists."""
+    proc = _cli(workdir)
+    ckpt = workdir / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if ckpt.exists() else []
+        if steps and max(steps) >= after_step:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=300)
+    return proc.returncode, out.decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    workdir = tmp_path_factory.mktemp("reference")
+    _finish(_cli(workdir))
+    return workdir
+
+
+def _same_run(a, b):
+    ra, rb = (json.load(open(d / "results.json")) for d in (a, b))
+    assert ra["train"]["params_digest"] == rb["train"]["params_digest"]
+    assert ra["eval"] == rb["eval"]
+    ma, mb = ([json.loads(x) for x in open(d / "metrics.jsonl")] for d in (a, b))
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
+
+
+def test_sigkill_then_resume_matches_uninterrupted(reference, tmp_path):
+    code, _ = _interrupt(tmp_path, signal.SIGKILL)
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "results.json").exists()
+    out = _finish(_cli(tmp_path))
+    assert "Resumed from checkpoint" in out
+    _same_run(reference, tmp_path)
+
+
+def test_torn_checkpoint_write_is_ignored_and_resume_matches(reference, tmp_path):
+    code, _ = _interrupt(tmp_path, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    ckpt = tmp_path / "checkpoints"
+    latest = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
+    # what a kill in the middle of orbax's write leaves: a temporary directory, never renamed
+    torn = ckpt / f"{latest + 5}.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(ckpt / str(latest), torn)
+    for root, _, files in os.walk(torn):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"\0" * 3)  # truncated
+    out = _finish(_cli(tmp_path))
+    assert f"Resumed from checkpoint at step {latest}" in out
+    _same_run(reference, tmp_path)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly_then_resume_matches(reference, tmp_path):
+    code, out = _interrupt(tmp_path, signal.SIGTERM)
+    assert code == 0, out[-3000:]
+    assert "saved checkpoint at step" in out
+    assert not (tmp_path / "results.json").exists()
+    _finish(_cli(tmp_path))
+    _same_run(reference, tmp_path)
+
+
+def _absurd_lr_config(nonfinite):
+    config = load_config(CONFIG, "runlocal")
+    config.unlock()
+    config.optimizer.name, config.optimizer.lr = "sgd", 1e30
+    config.train.steps, config.train.log_every, config.checkpoint.every = 6, 3, 3
+    config.train.nonfinite = nonfinite
+    return config
+
+
+def test_nonfinite_loss_stops_with_step_and_quantity(tmp_path, data_dir):
+    with pytest.raises(train.NonFiniteError, match=r"non-finite (loss|gradient) at step \d+"):
+        train.train_and_evaluate(_absurd_lr_config("raise"), str(tmp_path))
+    # every checkpoint left behind holds finite parameters (none is written after a bad step)
+    from mtl_gbml.run_loading import load_run
+
+    if any(d.isdigit() for d in os.listdir(tmp_path / "checkpoints")):
+        run = load_run(str(tmp_path), use_best=False)
+        import jax
+
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(run.params))
+
+
+def test_nonfinite_steps_can_be_skipped(tmp_path, data_dir):
+    results = train.train_and_evaluate(_absurd_lr_config("skip"), str(tmp_path))
+    assert results["train"]["skipped_steps"] > 0
+    assert np.isfinite(results["eval"]["5way1shot"]["accuracy"])
+
+
+def test_seeds_fix_episodes_and_accuracy(tmp_path, data_dir):
+    from mtl_gbml.evaluate import evaluate_workdir
+
+    config = load_config(CONFIG, "runlocal")
+    train.train_and_evaluate(config, str(tmp_path))
+    a = evaluate_workdir(str(tmp_path), [(5, 1)], episodes=40, split="val", seed=0)["eval"]
+    b = evaluate_workdir(str(tmp_path), [(5, 1)], episodes=40, split="val", seed=0)["eval"]
+    c = evaluate_workdir(str(tmp_path), [(5, 1)], episodes=40, split="val", seed=1)["eval"]
+    assert a == b
+    assert a["5way1shot"]["accuracy"] != c["5way1shot"]["accuracy"]
