@@ -248,7 +248,7 @@ def main() -> None:
         f"Every algorithm: its shipped config (configs/omniglot/<algorithm>.py, 20-way 1-shot "
         f"training tasks), the same wall-clock budget of {args.budget_s:.0f} s "
         f"(`train.time_budget_s`), {args.parallel} run(s) at a time on this machine. Wall time "
-        "includes the periodic validations. Speedup = the GBML algorithm's time to first reach "
+        "includes compilation (the first step) and the periodic validations. Speedup = the GBML algorithm's time to first reach "
         "its best validation accuracy / MTL's time to first reach that accuracy.",
         "",
         f"![time to accuracy]({name}.png)",
