@@ -6,7 +6,8 @@ Each config's own step (sampling from a device-resident pool, crop/flip/jitter a
 full-width ResNet-12 forward and backward over all its tasks' images, RAdam update) runs on fake
 uint8 data of the dataset's image size and class count (the timing does not depend on the pixels).
 A step over more than ``--max_images`` images (memory on a small CPU machine) is timed with fewer
-tasks and scaled linearly to the recipe's tasks per step; the output says which.
+tasks (or, for one task over the limit, fewer queries per class) and scaled linearly in the
+number of images to the recipe's step; the output says which.
 Writes ``benchmarks/results/datasets/resnet12_step.{json,md}``.
 """
 
@@ -48,6 +49,11 @@ def time_config(name: str, arg: str, steps: int, max_images: int) -> dict:
     per_task = d.ways * (d.shots + d.queries)
     tasks = d.tasks_per_step
     timed_tasks = max(1, min(tasks, max_images // per_task))
+    # one task over the limit (tiered-ImageNet: 200 images): time fewer queries per class
+    timed_queries = d.queries
+    if per_task > max_images:
+        timed_queries = max(1, max_images // d.ways - d.shots)
+    timed_per_task = d.ways * (d.shots + timed_queries)
     size, num_classes = IMAGE_SIZE[name], CLASSES[name]
     per_class = d.shots + d.queries
     rng = np.random.default_rng(0)
@@ -65,7 +71,7 @@ def time_config(name: str, arg: str, steps: int, max_images: int) -> dict:
     @jax.jit
     def step(params, state, opt_state, k):
         k1, k2, k3 = jax.random.split(k, 3)
-        t = sample_tasks(pool, k1, d.ways, d.shots, d.queries, timed_tasks)
+        t = sample_tasks(pool, k1, d.ways, d.shots, timed_queries, timed_tasks)
         t = prepare_tasks(t, k2, d.augment, d.shift)
         (loss, (state, _)), g = jax.value_and_grad(alg.meta_loss, has_aux=True)(
             params, state, t, k3
@@ -85,20 +91,20 @@ def time_config(name: str, arg: str, steps: int, max_images: int) -> dict:
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     step_s, cpu_s = float(np.median(times)), float(np.median(cpu))
-    scale = tasks / timed_tasks
+    scale = tasks * per_task / (timed_tasks * timed_per_task)  # linear in images
     return {
         "config": f"configs/{name}/mtl.py:{arg}",
         "image_size": size,
         "tasks_per_step": tasks,
         "images_per_step": tasks * per_task,
         "timed_tasks": timed_tasks,
-        "timed_images": timed_tasks * per_task,
+        "timed_images": timed_tasks * timed_per_task,
         "first_call_s": round(first, 2),
         "step_s_measured": round(step_s, 3),
         "step_s": round(step_s * scale, 3),
         "step_cpu_s_measured": round(cpu_s, 3),
         "step_cpu_s": round(cpu_s * scale, 3),
-        "extrapolated": timed_tasks != tasks,
+        "extrapolated": timed_tasks * timed_per_task != tasks * per_task,
         "steps_timed": steps,
         "loss_finite": bool(np.isfinite(float(loss))),
         "steps_per_epoch": c.train.eval_every,
@@ -118,15 +124,15 @@ def write(rows: list[dict], env: dict) -> None:
         "2 cores) and this ran under `nice -n 15`, so wall times are several times an idle "
         "machine's; the CPU seconds the step consumed (process time, both cores' threads "
         "summed) depend much less on the load and are the number to compare. Each row's command "
-        "is in resnet12_step.json. A step timed with fewer tasks than the recipe's (memory) is "
-        "scaled linearly to the recipe's tasks per step.",
+        "is in resnet12_step.json. A step timed on fewer images than the recipe's (memory: fewer "
+        "tasks, or fewer queries per class) is scaled linearly in images to the recipe's step.",
         "",
         "| config | image | tasks/step | images/step | step, CPU s (all threads) | step, wall s "
         "| first call incl. compile, wall s | CPU-hours per 1600-task epoch | load |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        note = f" (timed {r['timed_tasks']} task(s), scaled)" if r["extrapolated"] else ""
+        note = f" (timed {r['timed_images']} images, scaled)" if r["extrapolated"] else ""
         epoch_h = r["step_cpu_s"] * r["steps_per_epoch"] / 3600
         lines.append(
             f"| `{r['config']}` | {r['image_size']}x{r['image_size']} | {r['tasks_per_step']} | "
