@@ -13,13 +13,22 @@ import numpy as np
 from mtl_gbml.data.sampler import to_float
 from mtl_gbml.run_loading import LoadedRun, load_run
 
+_PREPROCESSORS = {
+    "omniglot": "mtl_gbml.data.omniglot",
+    "mini_imagenet": "mtl_gbml.data.mini_imagenet",
+    "tiered_imagenet": "mtl_gbml.data.tiered_imagenet",
+    "cifar_fs": "mtl_gbml.data.cifar100",
+    "fc100": "mtl_gbml.data.cifar100",
+}
+
 
 def _preprocessor(dataset: str):
-    if dataset == "omniglot":
-        from mtl_gbml.data.omniglot import preprocess_image
+    """The dataset builder's own raw-image preprocessing (one source for training and the API)."""
+    import importlib
 
-        return preprocess_image
-    raise ValueError(f"no raw-image preprocessing known for dataset {dataset!r}")
+    if dataset not in _PREPROCESSORS:
+        raise ValueError(f"no raw-image preprocessing known for dataset {dataset!r}")
+    return importlib.import_module(_PREPROCESSORS[dataset]).preprocess_image
 
 
 class FewShotLearner:

@@ -74,5 +74,8 @@ class ResNet12(nn.Module):
             # DropBlock only in the last two blocks (as in MetaOptNet and the MTL paper's code)
             rate = self.drop_rate if i >= len(self.widths) - 2 else 0.0
             size = self.dropblock_size if i == len(self.widths) - 1 else 1
-            x = block_cls(w, rate, size, self.dtype)(x, train, use_batch_stats)
+            # the same name with and without remat, so checkpoints and seeds carry over
+            x = block_cls(w, rate, size, self.dtype, name=f"ResBlock_{i}")(
+                x, train, use_batch_stats
+            )
         return x.mean(axis=(1, 2)).astype(jnp.float32)
