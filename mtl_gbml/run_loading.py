@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -36,13 +37,18 @@ def load_run(workdir: str, use_best: bool | None = None) -> LoadedRun:
     for k in ("eval.settings", "model.resnet_widths", "optimizer.decay_steps"):
         sec, key = k.split(".")
         config[sec][key] = tuple(config[sec][key])
-    manager = ocp.CheckpointManager(ckpt_dir)
+    manager = ocp.CheckpointManager(ckpt_dir, item_handlers=ocp.StandardCheckpointHandler())
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(
             f"no checkpoint in {ckpt_dir}: train first (python -m mtl_gbml.train)"
         )
-    tree = manager.restore(step, args=ocp.args.StandardRestore())
+    # onto this process's first device, whatever devices (or hosts) the run was trained on
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), manager.item_metadata(step)
+    )
+    tree = manager.restore(step, args=ocp.args.StandardRestore(abstract))
     manager.close()
     if use_best is None:
         use_best = bool(config.eval.use_best)
