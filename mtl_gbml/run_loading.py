@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from mtl_gbml import algorithms, models
+from mtl_gbml import algorithms, base_config, models
 from mtl_gbml.algorithms.base import Algorithm
 from mtl_gbml.config_validation import split_facts
 
@@ -33,10 +33,16 @@ def load_run(workdir: str, use_best: bool | None = None) -> LoadedRun:
     ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: {workdir} is not a mtl_gbml run directory")
-    config = ml_collections.ConfigDict(json.load(open(cfg_path)))
-    for k in ("eval.settings", "model.resnet_widths", "optimizer.decay_steps"):
-        sec, key = k.split(".")
-        config[sec][key] = tuple(config[sec][key])
+    saved = json.load(open(cfg_path))
+    # the saved values over today's defaults: keys added since the run was made keep their defaults
+    config = base_config.get_config(saved["algorithm"])
+    for sec, value in saved.items():
+        if isinstance(value, dict) and sec in config:
+            for k, v in value.items():
+                if k in config[sec]:
+                    config[sec][k] = tuple(v) if isinstance(config[sec][k], tuple) else v
+        elif sec in config:
+            config[sec] = value
     manager = ocp.CheckpointManager(ckpt_dir, item_handlers=ocp.StandardCheckpointHandler())
     step = manager.latest_step()
     if step is None:

@@ -114,16 +114,14 @@ def _check_config_matches(workdir: str, config: ml_collections.ConfigDict) -> No
     new = json.loads(config.to_json_best_effort())
     if os.path.exists(path):
         old = json.load(open(path))
+        # keys added to the code since the run started are at their defaults: not a difference
         diffs = [
             f"{sec}.{k}" if isinstance(new.get(sec), dict) else sec
             for sec in sorted(set(old) | set(new))
             if sec not in ("eval", "parallel")  # neither changes the trained parameters
-            for k in (
-                sorted(set(old.get(sec, {})) | set(new.get(sec, {})))
-                if isinstance(new.get(sec), dict)
-                else [None]
-            )
-            if (old.get(sec, {}).get(k) if k else old.get(sec))
+            and sec in old
+            for k in (sorted(set(old[sec])) if isinstance(new.get(sec), dict) else [None])
+            if (old[sec].get(k) if k else old[sec])
             != (new.get(sec, {}).get(k) if k else new.get(sec))
         ]
         if diffs:
