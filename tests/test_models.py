@@ -66,7 +66,8 @@ def test_im2col_convolution_matches_xla():
     # same weights (leaves in the same order: bias, kernel, BatchNorm per block)
     leaves_a, leaves_b = jax.tree.leaves(va), jax.tree.leaves(vb)
     vb = jax.tree.unflatten(
-        jax.tree.structure(vb), [a.reshape(b.shape) for a, b in zip(leaves_a, leaves_b, strict=True)]
+        jax.tree.structure(vb),
+        [a.reshape(b.shape) for a, b in zip(leaves_a, leaves_b, strict=True)],
     )
     fa = a.apply(va, x, train=False, use_batch_stats=True, mutable=["batch_stats"])[0]
     fb = b.apply(vb, x, train=False, use_batch_stats=True, mutable=["batch_stats"])[0]
