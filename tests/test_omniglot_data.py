@@ -104,3 +104,42 @@ def test_no_data_dir_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("MTL_GBML_DATA_DIR", raising=False)
     with pytest.raises(DataError, match="MTL_GBML_DATA_DIR"):
         datasets.raw_data_dir(c)
+
+
+def _tiny_archive(path, members):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+def _png(value=0):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((105, 105), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_unreadable_image_and_empty_class_are_named(tmp_path):
+    from mtl_gbml.data.omniglot import OmniglotFewShot
+
+    stem = "images_background"
+    _tiny_archive(
+        tmp_path / f"{stem}.zip",
+        {
+            f"{stem}/Alpha/character01/0001_01.png": _png(),
+            f"{stem}/Alpha/character02/0002_01.png": b"this is not a png",
+        },
+    )
+    builder = OmniglotFewShot(config="lake", data_dir=str(tmp_path / "tfds"))
+    gen = builder._generate_examples(str(tmp_path), [(stem, "Alpha", "character01")])
+    assert len(list(gen)) == 1  # a good image decodes
+    gen = builder._generate_examples(str(tmp_path), [(stem, "Alpha", "character02")])
+    with pytest.raises(DataError, match=r"unreadable image images_background.zip:.*0002_01.png"):
+        list(gen)
+    # a class the split names but whose directory holds no images
+    gen = builder._generate_examples(str(tmp_path), [(stem, "Alpha", "character03")])
+    with pytest.raises(DataError, match=r"no images for Alpha/character03"):
+        list(gen)
