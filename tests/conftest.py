@@ -34,3 +34,13 @@ def data_dir() -> str:
     if not d or not os.path.isdir(os.path.join(d, "omniglot")):
         pytest.fail("MTL_GBML_DATA_DIR must name a directory holding omniglot/ and splits/")
     return d
+
+
+@pytest.fixture(autouse=True)
+def _restore_x64():
+    """Tests that switch on float64 globally must not leak it into the tests after them."""
+    import jax
+
+    before = jax.config.jax_enable_x64
+    yield
+    jax.config.update("jax_enable_x64", before)

@@ -141,7 +141,9 @@ def color_jitter(rng: jax.Array, x: jax.Array, strength: float) -> jax.Array:
     """Brightness, contrast and saturation jitter (torchvision ``ColorJitter(s, s, s)``, fixed
     order) of float images [..., H, W, 3] in [0, 1]; each factor uniform in [1 - s, 1 + s]."""
     lead = x.shape[:-3]
-    f = jax.random.uniform(rng, (3,) + lead + (1, 1, 1), minval=1 - strength, maxval=1 + strength)
+    f = jax.random.uniform(
+        rng, (3,) + lead + (1, 1, 1), x.dtype, minval=1 - strength, maxval=1 + strength
+    )
     gray = lambda a: (a @ jnp.array([0.299, 0.587, 0.114], a.dtype))[..., None]
     x = jnp.clip(x * f[0], 0.0, 1.0)  # brightness
     mean = gray(x).mean(axis=(-3, -2, -1), keepdims=True)
