@@ -37,10 +37,11 @@ def data_dir() -> str:
 
 
 @pytest.fixture(autouse=True)
-def _restore_x64():
-    """Tests that switch on float64 globally must not leak it into the tests after them."""
+def _x64_per_module(request):
+    """float64 only for test modules that declare ``X64 = True``: a module-level
+    ``jax.config.update`` runs at collection, before any test, and would leak into every test."""
     import jax
 
-    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", bool(getattr(request.module, "X64", False)))
     yield
-    jax.config.update("jax_enable_x64", before)
+    jax.config.update("jax_enable_x64", False)

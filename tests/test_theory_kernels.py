@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+X64 = True  # conftest keeps float64 on for this module's tests only
 
 from theory.kernels import kernels  # noqa: E402
 from theory.mlp import features, init_mlp, jacobians  # noqa: E402

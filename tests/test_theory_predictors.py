@@ -15,6 +15,7 @@ import pytest
 import scipy.linalg
 
 jax.config.update("jax_enable_x64", True)
+X64 = True  # conftest keeps float64 on for this module's tests only
 
 from theory.kernels import kernels  # noqa: E402
 from theory.layout import flatten  # noqa: E402
