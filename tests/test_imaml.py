@@ -82,7 +82,7 @@ def test_implicit_gradient_matches_unrolled_to_convergence():
 def run_runlocal(algorithm: str, tmp_path):
     """Train and evaluate configs/omniglot/<algorithm>.py:runlocal end to end."""
     if not os.environ.get("MTL_GBML_DATA_DIR"):
-        pytest.skip("MTL_GBML_DATA_DIR is not set")
+        pytest.fail("MTL_GBML_DATA_DIR must name the data directory (omniglot/, splits/)")
     from mtl_gbml.train import train_and_evaluate
 
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "omniglot", f"{algorithm}.py")
