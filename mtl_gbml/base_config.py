@@ -38,7 +38,7 @@ def get_config(algorithm: str = "mtl") -> ml_collections.ConfigDict:
     c.model.conv_impl = "xla"  # conv4 only: 'xla' | 'im2col' | 'im2col_first' (models/conv4.py)
     # conv4 only: 'reference' (conv-BN-ReLU-pool) | 'fused' (pool before the BN affine + ReLU;
     # exact, see models/conv4.py and benchmarks/results/fast_backbone.md)
-    c.model.block = "reference"
+    c.model.block = "fused"  # fastest exact block on CPU: benchmarks/results/fast_backbone.md
     c.model.chunk_first = 0  # conv4, block='fused': first block over this many images at a time
     c.model.dtype = "float32"
     c.model.bn_mode = "inductive"  # test-time BatchNorm: 'inductive' (running) | 'transductive'

@@ -22,7 +22,7 @@ def _model(pool_last, **kw):
 
 
 def _setup(pool_last):
-    ref = _model(pool_last)
+    ref = _model(pool_last, conv_impl="xla", block="reference", chunk_first=0)
     x = jax.random.normal(jax.random.PRNGKey(0), (6, 28, 28, 1))
     params, state = models.init(ref, jax.random.PRNGKey(1), x)
     # mixed-sign BatchNorm scales: the fused block must pool by min where the scale is negative
