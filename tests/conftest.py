@@ -36,10 +36,12 @@ def data_dir() -> str:
     return d
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _x64_per_module(request):
     """float64 only for test modules that declare ``X64 = True``: a module-level
-    ``jax.config.update`` runs at collection, before any test, and would leak into every test."""
+    ``jax.config.update`` runs at collection, before any test, and would leak into every test.
+    Module scope, autouse: pytest sets it up before the module's other module-scoped fixtures,
+    so arrays those fixtures build are float64 too (a function-scoped switch came too late)."""
     import jax
 
     jax.config.update("jax_enable_x64", bool(getattr(request.module, "X64", False)))
