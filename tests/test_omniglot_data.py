@@ -43,6 +43,32 @@ def test_vinyals_split_sizes_and_images(omniglot_config):
     assert pool.num_classes == 4 * 423  # rotations are new classes
 
 
+def test_decoded_split_cache_matches_tfds_and_survives_a_torn_file(omniglot_config):
+    """The .npy cache beside the prepared data holds exactly what TFDS decodes; a torn cache
+    file is ignored (read from TFDS again) and rewritten."""
+    import tensorflow_datasets as tfds
+
+    c = omniglot_config
+    images, labels = datasets.load_arrays(c, "val")
+    vdir = datasets._version_dir(c.name, c.protocol, c.tfds_dir)
+    builder = datasets._builder(c.name, c.protocol, c.tfds_dir)
+    assert os.path.samefile(vdir, str(builder.data_dir))  # computed without building it
+    ref = tfds.as_numpy(builder.as_dataset(split="val", batch_size=-1))
+    cached = datasets._read_cache(vdir, "val")
+    assert cached is not None
+    np.testing.assert_array_equal(cached[0], ref["image"])
+    np.testing.assert_array_equal(cached[1], ref["label"])
+    np.testing.assert_array_equal(images, ref["image"])
+    img_path, _ = datasets._cache_paths(vdir, "val")
+    with open(img_path, "r+b") as f:
+        f.truncate(100)
+    assert datasets._read_cache(vdir, "val") is None
+    datasets._load_arrays.cache_clear()
+    again, _ = datasets.load_arrays(c, "val")
+    np.testing.assert_array_equal(again, ref["image"])
+    assert datasets._read_cache(vdir, "val") is not None
+
+
 def _copy_data(src, dst):
     os.makedirs(os.path.join(dst, "omniglot"))
     for f in ("images_background.zip", "images_evaluation.zip", "SHA256SUMS"):
