@@ -87,6 +87,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{key}={value} must be positive")
     if not c.optimizer.lr > 0:
         raise ConfigError(f"optimizer.lr={c.optimizer.lr} must be positive")
+    vmapped = c.algo.get("tasks_vmapped", 0)
+    if vmapped < 0 or (vmapped and c.data.tasks_per_step % vmapped):
+        raise ConfigError(
+            f"algo.tasks_vmapped={vmapped} must be 0 (all tasks) or a divisor of "
+            f"data.tasks_per_step={c.data.tasks_per_step}"
+        )
     if c.data.queries < 0 or c.eval.queries <= 0:
         raise ConfigError("data.queries must be >= 0 and eval.queries > 0")
     from mtl_gbml.data.sampler import AUGMENTS

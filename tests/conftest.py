@@ -14,11 +14,6 @@ if not os.environ.get("MTL_GBML_DATA_DIR") and (ROOT.parent / "shared" / "data")
 # prepared TFDS data: a cache inside the checkout unless the caller chose a place
 os.environ.setdefault("TFDS_DATA_DIR", str(ROOT / ".cache" / "tfds"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# XLA's persistent compilation cache, shared by the test process and the runs it starts: the
-# reliability, parallel and notebook tests run the same configs several times (half of a short
-# run's time is compilation on 2 CPU cores). Subprocesses inherit these.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".cache" / "jax"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
 def load_config(path: str, arg: str | None = None):

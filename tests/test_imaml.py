@@ -102,3 +102,22 @@ def run_runlocal(algorithm: str, tmp_path):
 
 def test_runlocal_trains_and_evaluates(tmp_path):
     run_runlocal("imaml", tmp_path)
+
+
+def test_conjugate_gradient_solves_spd_and_stays_finite_on_negative_curvature():
+    from mtl_gbml.algorithms.imaml import conjugate_gradient
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((6, 6))
+    spd = a @ a.T + 0.5 * np.eye(6)
+    b = rng.standard_normal(6)
+    x = conjugate_gradient(lambda v: {"v": jnp.asarray(spd) @ v["v"]}, {"v": jnp.asarray(b)}, 30)
+    np.testing.assert_allclose(x["v"], np.linalg.solve(spd, b), rtol=1e-3, atol=1e-4)
+    # indefinite: I + H/lam with a strongly negative eigenvalue; no inf/nan, and b itself is
+    # returned when the very first direction has non-positive curvature
+    indefinite = np.diag([1.0, 2.0, -5.0, 1.0, 1.0, 1.0])
+    bad = {"v": jnp.asarray([0.0, 0.0, 1.0, 0.0, 0.0, 0.0])}
+    x = conjugate_gradient(lambda v: {"v": jnp.asarray(indefinite) @ v["v"]}, bad, 5)
+    assert np.all(np.isfinite(x["v"]))
+    y = conjugate_gradient(lambda v: {"v": jnp.asarray(indefinite) @ v["v"]}, {"v": jnp.ones(6)}, 5)
+    assert np.all(np.isfinite(y["v"]))

@@ -91,8 +91,21 @@ def test_second_order_gradient_matches_central_differences():
         assert np.max(np.abs(fo_grad - grad)) > 1e-4 * np.max(np.abs(grad))
 
 
-def test_vmapped_meta_loss_matches_python_loop_over_tasks():
-    algo, _ = make(inner_steps=2, inner_lr=0.3)
+def test_map_tasks_keeps_task_order_in_groups():
+    from mtl_gbml.algorithms.whole_network import map_tasks
+
+    xs = (jnp.arange(12.0).reshape(6, 2), jnp.arange(6))
+    fn = lambda x: (x[0].sum() * 10 + x[1], {"sq": x[0] ** 2})
+    ref = jax.vmap(fn)(xs)
+    for group in (1, 2, 3, 6):
+        out = map_tasks(fn, xs, group)
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("tasks_vmapped", [0, 1])
+def test_vmapped_meta_loss_matches_python_loop_over_tasks(tasks_vmapped):
+    algo, _ = make(inner_steps=2, inner_lr=0.3, tasks_vmapped=tasks_vmapped)
     tasks = random_tasks(jax.random.PRNGKey(3), t=3)
     params, state = algo.init(jax.random.PRNGKey(4), tasks)
     f = jax.value_and_grad(algo.meta_loss, has_aux=True)

@@ -34,6 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.test_inner_steps = 16
     c.test_inner_lr = 0.1
     c.cg_steps = 5
+    c.tasks_vmapped = 0  # tasks per vmapped group, groups in sequence; 0 = all (see whole_network)
     c.head_init = "zeros"  # 'zeros' (per task) | 'learned' (see whole_network)
     return c
 
@@ -44,6 +45,9 @@ def conjugate_gradient(matvec, b, steps: int):
     The same iteration as ``jax.scipy.sparse.linalg.cg`` with a fixed count and no tolerance;
     jax 0.5.3's ``cg`` fails inside the vmapped, sharded train step (its ``device_put`` of the
     right-hand side raises an AssertionError under vmap there), while this one is plain lax.
+    ``I + H / lam`` is positive definite only where the support loss is convex enough (H >
+    -lam I); CG stops at the first direction of non-positive curvature (or an exact solution)
+    and returns its iterate so far, instead of dividing by p.Ap <= 0 (which overflows).
     """
     dot = lambda u, v: wn.tree_vdot(u, v)
     x = b
@@ -51,16 +55,19 @@ def conjugate_gradient(matvec, b, steps: int):
     p, rs = r, dot(r, r)
 
     def body(_, carry):
-        x, r, p, rs = carry
+        x, r, p, rs, done = carry
         ap = matvec(p)
-        alpha = rs / jnp.maximum(dot(p, ap), jnp.finfo(rs.dtype).tiny)
+        pap = dot(p, ap)
+        done = done | ~(pap > 0) | ~(rs > 0)
+        alpha = jnp.where(done, 0.0, rs / jnp.where(done, 1.0, pap))
         x = wn.tree_add(x, p, alpha)
         r = wn.tree_add(r, ap, -alpha)
         rs_new = dot(r, r)
-        p = wn.tree_add(r, p, rs_new / jnp.maximum(rs, jnp.finfo(rs.dtype).tiny))
-        return x, r, p, rs_new
+        beta = jnp.where(done, 0.0, rs_new / jnp.where(done, 1.0, rs))
+        p = wn.tree_add(r, p, beta)
+        return x, r, p, rs_new, done
 
-    x, *_ = jax.lax.fori_loop(0, steps, body, (x, r, p, rs))
+    x, *_ = jax.lax.fori_loop(0, steps, body, (x, r, p, rs, jnp.asarray(False)))
     return x
 
 
@@ -104,9 +111,9 @@ def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes:
     def meta_loss(params, state, tasks, rng):
         keys = jax.random.split(rng, tasks.support_y.shape[0])
         one = functools.partial(task_loss, ways=tasks.class_ids.shape[1])
-        losses, (states, accs) = jax.vmap(one, in_axes=(None, None, 0, 0, 0, 0, 0))(
-            params, state, *wn.task_arrays(tasks), keys
-        )
+        per_task = lambda xs: one(params, state, *xs)
+        vmapped = wn.resolve_tasks_vmapped(a.tasks_vmapped, keys.shape[0])
+        losses, (states, accs) = wn.map_tasks(per_task, (*wn.task_arrays(tasks), keys), vmapped)
         return losses.mean(), (wn.mean_state(states), {"accuracy": accs.mean()})
 
     return Algorithm(

@@ -25,6 +25,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.inner_lr = 0.1
     c.test_inner_steps = 10
     c.test_inner_lr = 0.1
+    c.tasks_vmapped = 0  # tasks per vmapped group, groups in sequence; 0 = all (see whole_network)
     c.head_init = "zeros"  # 'zeros' (per task, not meta-learned) | 'learned' (see whole_network)
     c.remat = False  # jax.checkpoint each inner step: less memory, one more forward per step
     return c
@@ -59,9 +60,9 @@ def build(
     def meta_loss(params, state, tasks, rng):
         keys = jax.random.split(rng, tasks.support_y.shape[0])
         one = functools.partial(task_loss, ways=tasks.class_ids.shape[1])
-        losses, (states, accs) = jax.vmap(one, in_axes=(None, None, 0, 0, 0, 0, 0))(
-            params, state, *wn.task_arrays(tasks), keys
-        )
+        per_task = lambda xs: one(params, state, *xs)
+        vmapped = wn.resolve_tasks_vmapped(a.tasks_vmapped, keys.shape[0])
+        losses, (states, accs) = wn.map_tasks(per_task, (*wn.task_arrays(tasks), keys), vmapped)
         return losses.mean(), (wn.mean_state(states), {"accuracy": accs.mean()})
 
     return Algorithm(

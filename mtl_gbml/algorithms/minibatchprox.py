@@ -30,6 +30,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.inner_lr = 0.1
     c.test_inner_steps = 10
     c.test_inner_lr = 0.1
+    c.tasks_vmapped = 0  # tasks per vmapped group, groups in sequence; 0 = all (see whole_network)
     c.head_init = "zeros"  # 'zeros' (per task) | 'learned' (see whole_network)
     return c
 
@@ -62,9 +63,9 @@ def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes:
         x, y = merge_support_query(tasks)
         keys = jax.random.split(rng, y.shape[0])
         one = functools.partial(task_loss, ways=tasks.class_ids.shape[1])
-        losses, (states, accs) = jax.vmap(one, in_axes=(None, None, 0, 0, 0))(
-            params, state, x, y, keys
-        )
+        per_task = lambda xs: one(params, state, *xs)
+        vmapped = wn.resolve_tasks_vmapped(a.tasks_vmapped, keys.shape[0])
+        losses, (states, accs) = wn.map_tasks(per_task, (x, y, keys), vmapped)
         return losses.mean(), (wn.mean_state(states), {"accuracy": accs.mean()})
 
     return Algorithm(
