@@ -28,56 +28,12 @@ Variants (``--config configs/tiered_imagenet/mtl.py:<variant>``): ``5shot`` (def
 dataset (tests use it; point data.tfds_dir at it).
 """
 
-from mtl_gbml import base_config
+from mtl_gbml import recipes
 
 # shots -> (images per class per training task, tasks per step), from the official code
 RECIPE = {5: (40, 1), 1: (40, 2)}
 FEATURE_NORM = True
-PADDING = 8  # random-crop zero padding (MetaOptNet's transforms)
-DROPBLOCK_SIZE = 5
-EPOCHS = 60
-DECAY_AT = (0.5, 0.75)  # fractions of training at which lr is multiplied by 0.1
-TASKS_PER_EPOCH = 1600
 
 
 def get_config(arg: str | None = None):
-    tokens = [t for t in (arg or "").split(",") if t]
-    unknown = set(tokens) - {"1shot", "5shot", "runlocal"}
-    if unknown or ("1shot" in tokens and "5shot" in tokens):
-        raise ValueError(f"unknown variant {arg!r}; use 5shot, 1shot, runlocal or 1shot,runlocal")
-    shots = 1 if "1shot" in tokens else 5
-    per_class, tasks = RECIPE[shots]
-    c = base_config.get_config("mtl")
-    c.data.name, c.data.protocol, c.data.rotations = "tiered_imagenet", "standard", False
-    c.data.ways, c.data.shots, c.data.queries = 5, shots, per_class - shots
-    c.data.tasks_per_step = tasks
-    c.data.augment, c.data.shift = "crop_flip_jitter", PADDING
-    c.model.name = "resnet12"
-    c.model.resnet_widths = (64, 160, 320, 640)
-    c.model.drop_rate, c.model.dropblock_size = 0.1, DROPBLOCK_SIZE
-    c.model.bn_mode = "inductive"
-    c.algo.feature_norm = FEATURE_NORM
-    c.algo.head_init, c.algo.logit_scale = "official", 1.0
-    c.optimizer.name, c.optimizer.lr, c.optimizer.weight_decay = "radam", 1e-3, 0.0
-    epoch = -(-TASKS_PER_EPOCH // tasks)  # steps per epoch
-    c.train.steps = EPOCHS * epoch
-    c.optimizer.schedule, c.optimizer.decay_factor = "step", 0.1
-    c.optimizer.decay_steps = tuple(int(f * EPOCHS) * epoch for f in DECAY_AT)
-    c.train.time_budget_s = 0.0
-    c.train.log_every = 50
-    c.train.eval_every = epoch
-    c.train.val_episodes = 400
-    c.train.val_setting = f"5w{shots}s"
-    c.checkpoint.every = epoch
-    c.eval.settings = ("5w1s", "5w5s")
-    c.eval.episodes, c.eval.queries, c.eval.batch = 2000, 15, 250
-    c.eval.use_best, c.eval.logreg_c = True, 3.0
-    if "runlocal" in tokens:
-        c.model.resnet_widths = (8, 8, 8, 8)
-        c.data.shots, c.data.queries, c.data.tasks_per_step = 1, 1, 2
-        c.optimizer.decay_steps = (1,)
-        c.train.steps, c.train.log_every, c.train.eval_every, c.checkpoint.every = 2, 1, 2, 2
-        c.train.val_episodes, c.train.val_setting = 10, "5w1s"
-        c.eval.settings, c.eval.queries = ("5w1s",), 2
-        c.eval.episodes, c.eval.batch, c.eval.logreg_steps = 20, 10, 20
-    return c
+    return recipes.mtl("tiered_imagenet", RECIPE, FEATURE_NORM, arg)
