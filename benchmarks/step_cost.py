@@ -43,6 +43,12 @@ def main() -> None:
     ap.add_argument("--budget_s", type=float, default=60.0)
     ap.add_argument("--five_shot", default="supervised,mtl,maml", help="also at 20w5s")
     ap.add_argument("--maml_inner", default="1,5,10", help="MAML with these inner steps")
+    ap.add_argument(
+        "--xla_conv",
+        default="fomaml",
+        help="also time these (whole-network) algorithms with model.conv_impl='xla' instead of "
+        "their configs' 'im2col', side by side",
+    )
     ap.add_argument("--overrides", default="", help="k=v,... for every run (smoke tests)")
     args = ap.parse_args()
     extra = {}
@@ -70,6 +76,8 @@ def main() -> None:
     rows = {"supervised": measure("supervised")}
     for a in filter(None, args.algorithms.split(",")):
         rows[a] = measure(a)
+    for a in filter(None, args.xla_conv.split(",")):
+        rows[f"{a}, conv_impl=xla"] = measure(a, over={"model.conv_impl": "xla"})
     five = {}
     for a in filter(None, args.five_shot.split(",")):
         five[a] = measure(a, shots=5)
@@ -187,7 +195,10 @@ def main() -> None:
         f"FLOPs: {SCAN_NOTE}",
         "",
         "Per-algorithm configs as shipped (e.g. MTL's default recipe keeps the last 3x3 map: "
-        "pool_last=False; MAML 5 inner steps); see each row's `pool_last` and `model` in the JSON.",
+        "pool_last=False; MAML 5 inner steps; the whole-network algorithms maml, fomaml, imaml "
+        "and minibatchprox use conv_impl='im2col', because under a vmap over tasks with per-task "
+        "weights `lax.conv` becomes a grouped convolution: the `conv_impl=xla` row is the same "
+        "step with it); see each row's `pool_last` and `model` in the JSON.",
         "",
         "Other processes using CPU (ps, >=10%) before: "
         + ("; ".join(busy_before) or "none")

@@ -15,6 +15,10 @@ def get_config(arg: str | None = None, algorithm: str = "maml"):
     c = base_config.get_config(algorithm)
     c.data.ways, c.data.shots, c.data.queries = 20, 1, 15
     c.data.tasks_per_step = 16
+    # per-task adapted weights: as one matmul over 3x3 patches each conv is a batched matmul under
+    # vmap; as lax.conv it becomes a grouped convolution, 3.7x slower per FO-MAML step on CPU
+    # (benchmarks/results/step_cost.md)
+    c.model.conv_impl = "im2col"
     c.algo.inner_steps, c.algo.inner_lr = 5, 0.1
     c.algo.test_inner_steps, c.algo.test_inner_lr = 10, 0.1
     c.optimizer.name, c.optimizer.lr = "adam", 1e-3
