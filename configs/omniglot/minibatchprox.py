@@ -16,7 +16,7 @@ def get_config(arg: str | None = None):
     c.data.ways, c.data.shots, c.data.queries = 20, 1, 15
     c.data.tasks_per_step = 16
     # per-task adapted weights: as one matmul over 3x3 patches each conv is a batched matmul under
-    # vmap; as lax.conv it becomes a grouped convolution, 3.7x slower per FO-MAML step on CPU
+    # vmap; as lax.conv it becomes a grouped convolution, 14x slower per FO-MAML step on CPU
     # (benchmarks/results/step_cost.md)
     c.model.conv_impl = "im2col"
     c.algo.lam = 1.0
