@@ -177,7 +177,7 @@ def resolve_tasks_vmapped(tasks_vmapped: int, num_tasks: int) -> int:
     if num_tasks % tasks_vmapped:
         raise ValueError(
             f"algo.tasks_vmapped={tasks_vmapped} does not divide the {num_tasks} tasks of a "
-            "batch; use a divisor of data.tasks_per_step (or 0 for automatic)"
+            "batch; use a divisor of data.tasks_per_step (or 0 for all of them)"
         )
     return tasks_vmapped
 
