@@ -54,6 +54,29 @@ def _resnet12(c: ml_collections.ConfigDict, dataset: str) -> None:
     c.model.drop_rate, c.model.dropblock_size = 0.1, dropblock
 
 
+def _resnet_training(c: ml_collections.ConfigDict, epoch: int, shots: int, val: int) -> None:
+    """Logging, validation every epoch on ``val`` episodes, checkpoints, test protocol."""
+    c.train.time_budget_s = 0.0
+    c.train.log_every = 50
+    c.train.eval_every = epoch
+    c.train.val_episodes = val
+    c.train.val_setting = f"5w{shots}s"
+    c.checkpoint.every = epoch
+    c.eval.settings = ("5w1s", "5w5s")
+    c.eval.episodes, c.eval.queries, c.eval.batch = 2000, 15, 250
+
+
+def _resnet_runlocal(c: ml_collections.ConfigDict) -> None:
+    """2 steps of a ResNet-12 of widths 8 on a tiny prepared dataset (the tests use it)."""
+    c.model.resnet_widths = (8, 8, 8, 8)
+    c.data.shots, c.data.queries, c.data.tasks_per_step = 1, 1, 2
+    c.optimizer.decay_steps = (1,)
+    c.train.steps, c.train.log_every, c.train.eval_every, c.checkpoint.every = 2, 1, 2, 2
+    c.train.val_episodes, c.train.val_setting = 10, "5w1s"
+    c.eval.settings, c.eval.queries = ("5w1s",), 2
+    c.eval.episodes, c.eval.batch = 20, 10
+
+
 def mtl(
     dataset: str,
     recipe: dict[int, tuple[int, int]],
@@ -76,23 +99,11 @@ def mtl(
     c.train.steps = EPOCHS * epoch
     c.optimizer.schedule, c.optimizer.decay_factor = "step", 0.1
     c.optimizer.decay_steps = tuple(int(f * EPOCHS) * epoch for f in DECAY_AT)
-    c.train.time_budget_s = 0.0
-    c.train.log_every = 50
-    c.train.eval_every = epoch
-    c.train.val_episodes = 400
-    c.train.val_setting = f"5w{shots}s"
-    c.checkpoint.every = epoch
-    c.eval.settings = ("5w1s", "5w5s")
-    c.eval.episodes, c.eval.queries, c.eval.batch = 2000, 15, 250
+    _resnet_training(c, epoch, shots, val=400)
     c.eval.use_best, c.eval.logreg_c = True, 3.0
     if runlocal:
-        c.model.resnet_widths = (8, 8, 8, 8)
-        c.data.shots, c.data.queries, c.data.tasks_per_step = 1, 1, 2
-        c.optimizer.decay_steps = (1,)
-        c.train.steps, c.train.log_every, c.train.eval_every, c.checkpoint.every = 2, 1, 2, 2
-        c.train.val_episodes, c.train.val_setting = 10, "5w1s"
-        c.eval.settings, c.eval.queries = ("5w1s",), 2
-        c.eval.episodes, c.eval.batch, c.eval.logreg_steps = 20, 10, 20
+        _resnet_runlocal(c)
+        c.eval.logreg_steps = 20
     return c
 
 
@@ -116,22 +127,9 @@ def metaoptnet_family(
     c.optimizer.decay_steps = (20 * epoch, 40 * epoch, 50 * epoch)
     c.optimizer.decay_factor = 0.2  # 0.1 -> 0.02 -> 0.004 -> 0.0008 (MetaOptNet: 0.006/...)
     c.train.steps = 60 * epoch
-    c.train.time_budget_s = 0.0
-    c.train.log_every = 50
-    c.train.eval_every = epoch
-    c.train.val_episodes = 2000
-    c.train.val_setting = f"5w{shots}s"
-    c.checkpoint.every = epoch
-    c.eval.settings = ("5w1s", "5w5s")
-    c.eval.episodes, c.eval.queries, c.eval.batch = 2000, 15, 250
+    _resnet_training(c, epoch, shots, val=2000)
     if runlocal:
-        c.model.resnet_widths = (8, 8, 8, 8)
-        c.data.shots, c.data.queries, c.data.tasks_per_step = 1, 1, 2
-        c.optimizer.decay_steps = (1,)
-        c.train.steps, c.train.log_every, c.train.eval_every, c.checkpoint.every = 2, 1, 2, 2
-        c.train.val_episodes, c.train.val_setting = 10, "5w1s"
-        c.eval.settings, c.eval.queries = ("5w1s",), 2
-        c.eval.episodes, c.eval.batch = 20, 10
+        _resnet_runlocal(c)
     return c
 
 
