@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 WHOLE_NETWORK = ("maml", "fomaml", "imaml", "minibatchprox")
+SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
 def run_config(spec: dict):
@@ -103,6 +104,12 @@ def main() -> None:
         "--variant", default="", help="config variant for every algorithm (smoke tests: runlocal)"
     )
     ap.add_argument("--overrides", default="", help="k=v,... for every run (smoke tests)")
+    ap.add_argument(
+        "--pin_cpu",
+        default="",
+        help="run every worker on these CPU cores (taskset list, e.g. '1') with XLA's CPU "
+        "backend single-threaded: each run gets one dedicated core, whatever else runs",
+    )
     args = ap.parse_args()
     extra = {}
     for kv in filter(None, args.overrides.split(",")):
@@ -142,13 +149,14 @@ def main() -> None:
         while queue and len(running) < max(1, args.parallel):
             spec = queue.pop(0)
             log = open(os.path.join(log_dir, os.path.basename(spec["workdir"]) + ".log"), "w")
-            p = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=C.env(),
-                cwd=C.ROOT,
-            )
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+            env = C.env()
+            if args.pin_cpu:
+                cmd = ["taskset", "-c", args.pin_cpu, *cmd]
+                env["XLA_FLAGS"] = (
+                    env.get("XLA_FLAGS", "") + " " + SINGLE_THREAD_XLA_FLAGS
+                ).strip()
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=C.ROOT)
             running.append((p, spec, log, time.time()))
             print(f"started {spec['algorithm']} ({spec['val_setting']}) pid {p.pid}", flush=True)
         time.sleep(2)
@@ -166,6 +174,7 @@ def main() -> None:
         "budget_s": args.budget_s,
         "parallel": args.parallel,
         "started_utc": started,
+        "pin_cpu": args.pin_cpu or None,
         "settings": {},
         "other_processes_before": busy_before,
     }
@@ -247,7 +256,14 @@ def main() -> None:
         "",
         f"Every algorithm: its shipped config (configs/omniglot/<algorithm>.py, 20-way 1-shot "
         f"training tasks), the same wall-clock budget of {args.budget_s:.0f} s "
-        f"(`train.time_budget_s`), {args.parallel} run(s) at a time on this machine. Wall time "
+        f"(`train.time_budget_s`), {args.parallel} run(s) at a time on this machine"
+        + (
+            f", each pinned to CPU core(s) {args.pin_cpu} with XLA's CPU backend single-threaded "
+            f"(`{SINGLE_THREAD_XLA_FLAGS}`)"
+            if args.pin_cpu
+            else ""
+        )
+        + ". Wall time "
         "includes compilation (the first step) and the periodic validations. Speedup = the GBML algorithm's time to first reach "
         "its best validation accuracy / MTL's time to first reach that accuracy.",
         "",
