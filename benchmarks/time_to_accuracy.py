@@ -38,6 +38,7 @@ def run_config(spec: dict):
     c.train.time_budget_s = float(spec["budget_s"])
     c.train.steps = max(int(c.train.steps), int(spec.get("min_steps", 0)))
     c.train.val_setting = spec["val_setting"]
+    c.train.val_extra_settings = tuple(spec.get("extra_val_settings", ()))
     if spec.get("eval_every"):
         c.train.eval_every = int(spec["eval_every"])
     if not c.train.eval_every:
@@ -59,17 +60,17 @@ def _worker(spec: dict) -> None:
     train_and_evaluate(run_config(spec), spec["workdir"])
 
 
-def curve(workdir: str) -> list[dict]:
+def curve(workdir: str, key: str = "val_accuracy") -> list[dict]:
+    """Validation accuracy against wall time from a run's metrics.jsonl (``key``: the logged
+    field, ``val_accuracy`` for train.val_setting, ``val_accuracy_<setting>`` for the extras)."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     pts = []
     for line in open(path):
         r = json.loads(line)
-        if "val_accuracy" in r:
-            pts.append(
-                {"step": r["step"], "wall_s": r["wall_s"], "val_accuracy": r["val_accuracy"]}
-            )
+        if key in r:
+            pts.append({"step": r["step"], "wall_s": r["wall_s"], "val_accuracy": r[key]})
     return pts
 
 
@@ -91,6 +92,12 @@ def main() -> None:
     ap.add_argument("--budget_s", type=float, required=True)
     ap.add_argument("--parallel", type=int, default=1, help="runs at once (they share the CPU)")
     ap.add_argument("--val_settings", default="20w1s", help="one set of runs per setting")
+    ap.add_argument(
+        "--extra_val_settings",
+        default="",
+        help="also validated in the same runs (e.g. 5w1s): their own curves and speedups, at no "
+        "extra training (validation time counts against the budget)",
+    )
     ap.add_argument("--eval_every", type=int, default=0, help="0 = each config's own")
     ap.add_argument("--val_episodes", type=int, default=0, help="0 = each config's own")
     ap.add_argument("--test_episodes", type=int, default=10000)
@@ -117,6 +124,9 @@ def main() -> None:
         extra[k] = int(v) if v.lstrip("-").isdigit() else v
     algos = [a for a in args.algorithms.split(",") if a]
     settings = [s for s in args.val_settings.split(",") if s]
+    extras = [s for s in args.extra_val_settings.split(",") if s and s not in settings]
+    if extras and len(settings) > 1:
+        ap.error("--extra_val_settings needs a single --val_settings (one set of runs)")
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     busy_before = C.other_processes()
     os.makedirs(args.workdir_root, exist_ok=True)
@@ -131,6 +141,7 @@ def main() -> None:
                 "budget_s": args.budget_s,
                 "min_steps": args.min_steps,
                 "val_setting": s,
+                "extra_val_settings": extras,
                 "eval_every": args.eval_every,
                 "val_episodes": args.val_episodes,
                 "test_episodes": args.test_episodes_whole
@@ -179,11 +190,13 @@ def main() -> None:
         "other_processes_before": busy_before,
     }
     os.makedirs(os.path.join(args.results_dir, "omniglot"), exist_ok=True)
-    for s in settings:
+    curve_sets = [(s, s, "val_accuracy") for s in settings]  # (runs, validated setting, key)
+    curve_sets += [(settings[0], e, f"val_accuracy_{e}") for e in extras]
+    for s, vs, key in curve_sets:
         per = {}
         for spec in [j for j in done if j["val_setting"] == s]:
             a, wd = spec["algorithm"], spec["workdir"]
-            pts = curve(wd)
+            pts = curve(wd, key)
             tb = time_to_best(pts)
             res_path = os.path.join(wd, "results.json")
             entry = {
@@ -204,9 +217,13 @@ def main() -> None:
                     "budget_s": args.budget_s,
                     "parallel": args.parallel,
                     "val_setting": s,
+                    "extra_val_settings": extras,
+                    "pin_cpu": args.pin_cpu or None,
                     "test_episodes": spec["test_episodes"],
                 }
-                if s == settings[0]:  # one results file per algorithm: the first setting's run
+                if (
+                    s == settings[0] and vs == s
+                ):  # one results file per algorithm: the first setting's run
                     with open(os.path.join(args.results_dir, "omniglot", f"{a}.json"), "w") as f:
                         json.dump(res, f, indent=2)
             per[a] = entry
@@ -222,7 +239,7 @@ def main() -> None:
                 e["speedup_vs_mtl"] = "MTL never reached it"
             else:
                 e["speedup_vs_mtl"] = e["time_to_best_s"] / max(t_mtl, 1e-9)
-        out["settings"][s] = per
+        out["settings"][vs] = per
     out["other_processes_after"] = C.other_processes()
     name = "time_to_accuracy"
     C.write_json(name, out) if args.results_dir == C.RESULTS else json.dump(
@@ -234,8 +251,9 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.5), squeeze=False)
-    for ax, s in zip(axes[0], settings, strict=True):
+    shown = list(out["settings"])  # validated settings: the run sets' own, then the extras
+    fig, axes = plt.subplots(1, len(shown), figsize=(6.5 * len(shown), 4.5), squeeze=False)
+    for ax, s in zip(axes[0], shown, strict=True):
         for a, e in out["settings"][s].items():
             if e["curve"]:
                 xs = [p["wall_s"] / 60 for p in e["curve"]]
@@ -270,9 +288,10 @@ def main() -> None:
         f"![time to accuracy]({name}.png)",
         "",
     ]
-    for s in settings:
+    for s in shown:
         md += [
-            f"## Validation {s}",
+            f"## Validation {s}"
+            + (f" (the same runs, validated on {s} too)" if s in extras else ""),
             "",
             "| algorithm | steps | best val (%) | reached at (s) | MTL reached it at (s) | speedup "
             "vs MTL | test 5w1s (%) | test 20w1s (%) | test episodes |",

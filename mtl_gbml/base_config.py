@@ -68,6 +68,9 @@ def get_config(algorithm: str = "mtl") -> ml_collections.ConfigDict:
     c.train.val_split = "val"
     c.train.val_episodes = 1000
     c.train.val_setting = ""  # e.g. '20w1s'; '' = the training ways and shots
+    # more settings validated at the same steps, logged as val_accuracy_<setting> (e.g.
+    # ('5w1s',) -> val_accuracy_5w1s); the best parameters are chosen on val_setting alone
+    c.train.val_extra_settings = ()
     c.train.nonfinite = "raise"  # 'raise' | 'skip': what to do with a NaN/Inf loss or gradient
 
     c.checkpoint = ml_collections.ConfigDict()

@@ -121,6 +121,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     eval_settings = list(c.eval.settings)
     if c.train.val_setting:
         eval_settings.append(c.train.val_setting)
+    eval_settings += list(c.train.get("val_extra_settings", ()))
     if c.eval.split not in splits:
         raise ConfigError(f"eval.split={c.eval.split!r}; protocol {c.data.protocol!r} has {splits}")
     from mtl_gbml.evaluation import parse_setting

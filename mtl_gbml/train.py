@@ -28,7 +28,7 @@ from mtl_gbml.checkpointing import Checkpointer
 from mtl_gbml.config_validation import ConfigError, validate
 from mtl_gbml.data import datasets
 from mtl_gbml.data.sampler import prepare_tasks, sample_tasks
-from mtl_gbml.evaluation import evaluate, parse_setting
+from mtl_gbml.evaluation import evaluate, parse_setting, setting_key
 from mtl_gbml.reporting import MetricsWriter, params_digest, write_results
 
 
@@ -219,8 +219,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     val_ways, val_shots = parse_setting(
         config.train.val_setting or f"{config.data.ways}w{config.data.shots}s"
     )
+    val_extra = list(config.train.get("val_extra_settings", ()))
 
-    def validate_now(ts: TrainState) -> TrainState:
+    def validate_now(ts: TrainState) -> tuple[TrainState, float, dict[str, float]]:
         nonlocal val_pool
         if val_pool is None:  # evaluation runs on each process's first device, alike everywhere
             val_pool = parallel.local(_load_pool(config.data, config.train.val_split))
@@ -229,14 +230,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             parallel.local(ts.params),
             parallel.local(ts.model_state),
             val_pool,
-            [(val_ways, val_shots)],
+            [(val_ways, val_shots)] + [parse_setting(e) for e in val_extra],
             episodes=config.train.val_episodes,
             queries=config.eval.queries,
             batch=config.eval.batch,
             rng=k_val,
             bn_mode=config.model.bn_mode,
         )
-        acc = next(iter(res.values()))["accuracy"]
+        acc = res[setting_key(val_ways, val_shots)]["accuracy"]
+        extra = {
+            f"val_accuracy_{e}": res[setting_key(*parse_setting(e))]["accuracy"] for e in val_extra
+        }
         if acc > float(parallel.host(ts.best_val)):
             ts = ts.replace(
                 best_params=copy(ts.params),
@@ -244,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 best_val=_scalar(acc),
                 best_step=jnp.copy(ts.step),
             )
-        return ts, acc
+        return ts, acc, extra
 
     stop = {"signal": None}
 
@@ -319,11 +323,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 )
                 seg_start, seg_step = now, s
             if eval_now:
-                ts, acc = validate_now(ts)
+                ts, acc, extra = validate_now(ts)
                 if log_now:
-                    rec["val_accuracy"] = acc
+                    rec.update(val_accuracy=acc, **extra)
                 else:
-                    rec = {"step": s, "val_accuracy": acc, "wall_s": wall}
+                    rec = {"step": s, "val_accuracy": acc, **extra, "wall_s": wall}
                     writer.write(rec)
             if log_now:
                 writer.write(rec)

@@ -49,6 +49,26 @@ def test_rerun_resumes_and_changes_nothing(finished_run):
     assert again["eval"] == results["eval"]
 
 
+def test_extra_validation_settings_are_logged_and_change_nothing_else(finished_run, tmp_path):
+    """train.val_extra_settings adds val_accuracy_<setting> beside val_accuracy; the primary
+    validation episodes, the chosen parameters and the test results equal a run without them."""
+    workdir, results = finished_run
+    config = load_config(CONFIG, "runlocal")
+    config.unlock()
+    config.train.val_extra_settings = ("3w1s",)
+    extra = train.train_and_evaluate(config, str(tmp_path))
+    read = lambda d: [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]
+    base, lines = read(workdir), read(str(tmp_path))
+    assert [x["val_accuracy"] for x in lines] == [x["val_accuracy"] for x in base]
+    assert all(0 <= x["val_accuracy_3w1s"] <= 100 for x in lines)
+    assert not any("val_accuracy_3w1s" in x for x in base)
+    assert extra["train"]["params_digest"] == results["train"]["params_digest"]
+    assert extra["eval"] == results["eval"]
+    config.train.val_extra_settings = ("3w",)
+    with pytest.raises(ConfigError, match="3w"):
+        validate(config)
+
+
 def test_resume_with_a_different_config_is_refused(finished_run):
     workdir, _ = finished_run
     config = load_config(CONFIG, "runlocal")
