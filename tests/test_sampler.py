@@ -1,10 +1,20 @@
-"""Episode sampler: fixed shapes, determinism in rng, label -> class bijection, rotations."""
+"""Episode sampler: fixed shapes, determinism in rng, label -> class bijection, rotations, and
+uniform draws without replacement."""
+
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.stats import chisquare
 
-from mtl_gbml.data.sampler import make_pool, random_shift, sample_tasks
+from mtl_gbml.data.sampler import (
+    make_pool,
+    random_shift,
+    sample_indices,
+    sample_tasks,
+    smallest_k,
+)
 
 
 def _coded_pool(num_classes=30, per_class=6, rotations=False):
@@ -83,3 +93,60 @@ def test_random_shift_is_a_translation():
     assert float(y.sum()) == 4.0  # the centre pixel moved, nothing was lost
     pos = np.argwhere(np.asarray(y[..., 0]) == 1.0)[:, 1:]
     assert np.all(np.abs(pos - 5) <= 2)
+
+
+def test_smallest_k_is_the_stable_argsort_prefix():
+    """top_k of the negated keys == the first k of a stable argsort, ties (to the lower index)
+    included: coarse keys make ties the rule, not the exception."""
+    rng = np.random.default_rng(0)
+    for shape in ((7,), (50,), (300, 20), (40, 1692)):
+        coarse = jnp.asarray(rng.integers(0, 5, size=shape).astype(np.float32) / 4)
+        fine = jnp.asarray(rng.random(shape, dtype=np.float32))
+        for keys in (coarse, fine, jnp.where(coarse > 0.5, 2.0, fine)):
+            for k in {1, 3, shape[-1] // 2, shape[-1]}:
+                expect = np.asarray(jnp.argsort(keys, axis=-1, stable=True)[..., :k])
+                np.testing.assert_array_equal(np.asarray(smallest_k(keys, k)), expect)
+                np.testing.assert_array_equal(
+                    np.asarray(jax.jit(smallest_k, static_argnums=1)(keys, k)), expect
+                )
+
+
+def _argsort_draw(rng, class_counts, max_per_class, ways, per_class):
+    """The sampler's draw written with full sorts (its first implementation)."""
+    k_cls, k_img = jax.random.split(rng)
+    classes = jnp.argsort(jax.random.uniform(k_cls, (class_counts.shape[0],)))[:ways]
+    keys = jax.random.uniform(k_img, (ways, max_per_class))
+    valid = jnp.arange(max_per_class)[None, :] < class_counts[classes][:, None]
+    pos = jnp.argsort(jnp.where(valid, keys, 2.0), axis=1)[:, :per_class]
+    return classes, pos
+
+
+def test_sample_indices_draws_what_the_full_sort_drew():
+    """Same uniforms, same episode: the partial selection changed no seed's draw."""
+    counts = jnp.asarray(np.random.default_rng(1).integers(16, 21, size=1692), jnp.int32)
+    keys = jax.random.split(jax.random.PRNGKey(5), 2000)
+    draw = jax.jit(jax.vmap(lambda k: sample_indices(k, counts, 20, 5, 16)))
+    ref = jax.jit(jax.vmap(lambda k: _argsort_draw(k, counts, 20, 5, 16)))
+    for got, expect in zip(draw(keys), ref(keys), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expect))
+
+
+def test_draws_are_uniform_without_replacement():
+    """Against the exact answer: every ordered choice of 3 of 8 classes is equally likely
+    (336 of them), and every 2 of a 3-image class's positions likewise (6), never a padded one."""
+    counts = jnp.asarray([3, 5, 5, 5, 4, 5, 5, 5], jnp.int32)
+    n = 33600
+    keys = jax.random.split(jax.random.PRNGKey(0), n)
+    classes, pos = jax.jit(jax.vmap(lambda k: sample_indices(k, counts, 5, 3, 2)))(keys)
+    classes, pos = np.asarray(classes), np.asarray(pos)
+    assert all(len(set(c)) == 3 for c in classes)  # without replacement
+    assert np.all(pos < np.asarray(counts)[classes][..., None])  # never a padded position
+    assert np.all(pos[..., 0] != pos[..., 1])
+    ordered = {t: i for i, t in enumerate(itertools.permutations(range(8), 3))}
+    freq = np.bincount([ordered[tuple(c)] for c in classes], minlength=len(ordered))
+    assert chisquare(freq).pvalue > 1e-3, freq
+    # positions drawn for class 0 (3 images), at whichever label it was drawn
+    pairs = {t: i for i, t in enumerate(itertools.permutations(range(3), 2))}
+    of0 = pos[classes == 0]
+    freq = np.bincount([pairs[tuple(p)] for p in of0], minlength=len(pairs))
+    assert len(of0) > 3000 and chisquare(freq).pvalue > 1e-3, freq

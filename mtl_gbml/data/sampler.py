@@ -64,17 +64,30 @@ def make_pool(
     return ImagePool(put(images), put(table), put(counts), put(rot))
 
 
+def smallest_k(keys: jax.Array, k: int) -> jax.Array:
+    """Indices of the ``k`` smallest entries along the last axis, smallest first, ties to the lower
+    index: exactly ``jnp.argsort(keys, axis=-1)[..., :k]`` (a stable sort), by ``lax.top_k`` of the
+    negated keys, which XLA also breaks ties by index. A partial selection: O(n) per row instead of
+    a full sort (the evaluator's 1,692-class draw per episode was 15x cheaper)."""
+    return jax.lax.top_k(-keys, k)[1]
+
+
 def sample_indices(
     rng: jax.Array, class_counts: jax.Array, max_per_class: int, ways: int, per_class: int
 ) -> tuple[jax.Array, jax.Array]:
-    """``ways`` distinct classes and ``per_class`` distinct within-class positions for each."""
+    """``ways`` distinct classes and ``per_class`` distinct within-class positions for each.
+
+    Both are uniform draws without replacement, in random order: the indices of the smallest of
+    i.i.d. uniform keys (padded positions get key 2, so they are never drawn while a class has
+    enough images).
+    """
     k_cls, k_img = jax.random.split(rng)
     num_classes = class_counts.shape[0]
-    classes = jnp.argsort(jax.random.uniform(k_cls, (num_classes,)))[:ways]
+    classes = smallest_k(jax.random.uniform(k_cls, (num_classes,)), ways)
     keys = jax.random.uniform(k_img, (ways, max_per_class))
     valid = jnp.arange(max_per_class)[None, :] < class_counts[classes][:, None]
     keys = jnp.where(valid, keys, 2.0)
-    pos = jnp.argsort(keys, axis=1)[:, :per_class]
+    pos = smallest_k(keys, per_class)
     return classes, pos
 
 
