@@ -11,6 +11,7 @@ Two paths, chosen per algorithm and BatchNorm mode (never mixed silently):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -67,18 +68,56 @@ def embed_pool(embed_fn, params: Any, state: Any, pool: ImagePool, chunk: int = 
     return jnp.concatenate(out)[:n]
 
 
-def _cached_episode_accuracy(algorithm, params, feats, counts, ways, shots, queries):
+def episode_features(
+    rng: jax.Array, feats: jax.Array, class_counts: jax.Array, ways: int, shots: int, queries: int
+) -> tuple[jax.Array, jax.Array]:
+    """One episode over cached features [C, M, D]: support [N*K, D] and query [N*Q, D] features,
+    class-major (labels ``repeat(arange(N), K)`` and ``repeat(arange(N), Q)``); the same draw as
+    ``sampler.sample_task`` makes from the same rng."""
+    classes, pos = sample_indices(rng, class_counts, feats.shape[1], ways, shots + queries)
+    f = feats[classes[:, None], pos]  # [N, K+Q, D]
+    return f[:, :shots].reshape(ways * shots, -1), f[:, shots:].reshape(ways * queries, -1)
+
+
+CHUNK_BYTES = 4 << 20  # gathered features per vmapped chunk: about one core's L2 cache
+
+
+def episode_chunk(feature_dim: int, ways: int, shots: int, queries: int) -> int:
+    """Episodes per vmapped chunk of the cached-feature evaluator: as many as keep a chunk's
+    gathered features within ``CHUNK_BYTES``. One vmap over a whole batch of 500 5w1s episodes
+    materialises ~90 MB per intermediate (gathered, normalised, ...), which streams through memory
+    at every step; chunks that stay in cache made the 5w1s episode 1.8x cheaper on CPU
+    (benchmarks/results/eval_throughput.md)."""
+    per_episode = ways * (shots + queries) * feature_dim * 4
+    return max(1, CHUNK_BYTES // per_episode)
+
+
+def cached_episode_accuracy(
+    algorithm: Algorithm,
+    params: Any,
+    feats: jax.Array,
+    class_counts: jax.Array,
+    ways: int,
+    shots: int,
+    queries: int,
+    chunk: int | None = None,
+) -> Callable[[jax.Array], jax.Array]:
+    """Jitted ``keys [B, ...] -> accuracy [B]``, one episode per key: sample over the cached
+    features, fit the head, predict. Vmapped over ``chunk`` episodes at a time (default
+    ``episode_chunk``; ``chunk >= B``: one vmap over the whole batch), a ``lax.map`` over the
+    chunks: per episode the same computation whatever the chunk, equal up to float32 rounding
+    (XLA vectorises for the batch size it sees, as it did for a smaller last batch before)."""
+    sy = jnp.repeat(jnp.arange(ways), shots)
+    qy = jnp.repeat(jnp.arange(ways), queries)
+    if chunk is None:
+        chunk = episode_chunk(feats.shape[-1], ways, shots, queries)
+
     def one(rng):
-        classes, pos = sample_indices(rng, counts, feats.shape[1], ways, shots + queries)
-        f = feats[classes[:, None], pos]  # [N, K+Q, D]
-        sf = f[:, :shots].reshape(ways * shots, -1)
-        qf = f[:, shots:].reshape(ways * queries, -1)
-        sy = jnp.repeat(jnp.arange(ways), shots)
-        qy = jnp.repeat(jnp.arange(ways), queries)
+        sf, qf = episode_features(rng, feats, class_counts, ways, shots, queries)
         logits = algorithm.predict_from_features(params, sf, sy, qf, ways)
         return (logits.argmax(-1) == qy).mean()
 
-    return jax.jit(jax.vmap(one))
+    return jax.jit(lambda keys: jax.lax.map(one, keys, batch_size=chunk))
 
 
 def _episode_accuracy(algorithm, params, state, pool, ways, shots, queries):
@@ -130,7 +169,7 @@ def evaluate(
         accs = []
         sizes = [min(batch, episodes - s) for s in range(0, episodes, batch)]
         if cached:
-            fn = _cached_episode_accuracy(
+            fn = cached_episode_accuracy(
                 algorithm, params, feats, pool.class_counts, ways, shots, queries
             )
         else:
