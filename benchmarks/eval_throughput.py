@@ -2,12 +2,16 @@
 regression) against the official recipe (scikit-learn ``LogisticRegression(C=3, lbfgs,
 max_iter=1000)`` fitted per episode in a Python loop), on the same cached features and episodes.
 
-python benchmarks/eval_throughput.py [--run /work/runs/mtl_cosine576] [--setting 5w1s]
-    [--episodes 10000] [--sklearn_episodes 500]
+python benchmarks/eval_throughput.py [--run /work/runs/mtl_quick] [--setting 5w1s]
+    [--episodes 10000] [--sklearn_episodes 500] [--chunk N]
 
 Features: the trained MTL run's backbone if ``--run`` holds checkpoints (loaded with
-``mtl_gbml.run_loading.load_run``), else a randomly initialised Conv4 (the markdown says which).
-Writes benchmarks/results/eval_throughput.{json,md}.
+``mtl_gbml.run_loading.load_run``; ``python -m mtl_gbml.train --config configs/omniglot/mtl.py:quick
+--workdir /work/runs/mtl_quick`` makes one in minutes), else a randomly initialised Conv4 (the
+markdown says which). The evaluator timed is ``evaluation.cached_episode_accuracy`` itself; a
+profile times its pieces (sample, gather, fit, predict) separately and the whole episode before and
+after the sampler's partial selection and the chunking. Writes
+benchmarks/results/eval_throughput.{json,md}.
 """
 
 from __future__ import annotations
@@ -18,20 +22,142 @@ import os
 import sys
 import time
 import warnings
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 
+def _timed(fn: Any, *args: Any, reps: int = 5) -> tuple[float, float]:
+    """(CPU s, wall s) of one call after compilation: the least of ``reps`` calls of each."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    cpu, wall = [], []
+    for _ in range(reps):
+        t, c = time.perf_counter(), time.process_time()
+        jax.block_until_ready(fn(*args))
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return min(cpu), min(wall)
+
+
+def profile(
+    algorithm: Any,
+    params: Any,
+    feats: Any,
+    counts: Any,
+    ways: int,
+    shots: int,
+    q: int,
+    batch: int,
+    c_reg: float,
+    steps: int,
+    chunk: int,
+) -> list[dict]:
+    """Per-episode cost of each piece of the cached-feature evaluator, each piece its own jitted
+    program vmapped over one batch (inputs and outputs materialised), then whole episodes."""
+    import jax
+    import jax.numpy as jnp
+
+    from mtl_gbml import linear_heads
+    from mtl_gbml.algorithms.base import Algorithm, l2_normalize
+    from mtl_gbml.data.sampler import sample_indices
+    from mtl_gbml.evaluation import cached_episode_accuracy
+
+    n_cls, m, d = feats.shape
+    sy, qy = jnp.repeat(jnp.arange(ways), shots), jnp.repeat(jnp.arange(ways), q)
+    keys = jax.random.split(jax.random.PRNGKey(2), batch)
+
+    def draw_sorted(rng):  # the sampler before: full argsorts (same draw)
+        k_cls, k_img = jax.random.split(rng)
+        classes = jnp.argsort(jax.random.uniform(k_cls, (n_cls,)))[:ways]
+        u = jax.random.uniform(k_img, (ways, m))
+        u = jnp.where(jnp.arange(m)[None, :] < counts[classes][:, None], u, 2.0)
+        return classes, jnp.argsort(u, axis=1)[:, : shots + q]
+
+    draw = lambda rng: sample_indices(rng, counts, m, ways, shots + q)
+
+    def split(f):
+        return f[:, :shots].reshape(ways * shots, d), f[:, shots:].reshape(ways * q, d)
+
+    gather_2d = lambda c, p: split(feats[c[:, None], p])
+    gather_flat = lambda c, p: split(feats.reshape(n_cls * m, d)[c[:, None] * m + p])
+
+    def fit(sf):
+        return linear_heads.logistic_regression(l2_normalize(sf), sy, ways, c_reg, steps)
+
+    def predict(qf, w, b):
+        return ((l2_normalize(qf) @ w.T + b).argmax(-1) == qy).mean()
+
+    def whole(sample):
+        def one(rng):
+            sf, qf = gather_2d(*sample(rng))
+            logits = algorithm.predict_from_features(params, sf, sy, qf, ways)
+            return (logits.argmax(-1) == qy).mean()
+
+        return jax.jit(jax.vmap(one))
+
+    vj = lambda f: jax.jit(jax.vmap(f))
+    cls, pos = vj(draw)(keys)
+    sf, qf = vj(gather_2d)(cls, pos)
+    w, b = vj(fit)(sf)
+    rows = [
+        ("sample: full argsorts (before)", vj(draw_sorted), (keys,)),
+        ("sample: `lax.top_k` partial selection (now)", vj(draw), (keys,)),
+        ("gather: `feats[classes[:, None], pos]` + support/query split", vj(gather_2d), (cls, pos)),
+        ("gather: flat rows `feats.reshape(C * M, D)[idx]` + split", vj(gather_flat), (cls, pos)),
+        (f"fit: L2-normalise support + logistic regression ({steps} steps)", vj(fit), (sf,)),
+        ("predict: L2-normalise queries, logits, accuracy", vj(predict), (qf, w, b)),
+        (
+            f"whole episode, full argsorts, one vmap of {batch} (before)",
+            whole(draw_sorted),
+            (keys,),
+        ),
+        (f"whole episode, `lax.top_k`, one vmap of {batch}", whole(draw), (keys,)),
+        (
+            f"whole episode, `lax.top_k`, `lax.map` over vmapped chunks of {chunk} (now)",
+            cached_episode_accuracy(algorithm, params, feats, counts, ways, shots, q, chunk),
+            (keys,),
+        ),
+    ]
+
+    # the chunked episode with pieces taken out: what the fit's iterations and the normalisation
+    # cost inside it (the same head as mtl.py's predict_from_features, written out here)
+    def head(steps, normalise):
+        def predict_from_features(params, sf, sy, qf, ways):
+            if normalise:
+                sf, qf = l2_normalize(sf), l2_normalize(qf)
+            w, b = linear_heads.logistic_regression(sf, sy, ways, c_reg, steps)
+            return qf @ w.T + b
+
+        return Algorithm("head", None, None, None, True, None, predict_from_features)
+
+    for label, steps_, normalise in (
+        ("without the fit's iterations (0 steps)", 0, True),
+        ("without the fit's iterations and the L2 normalisation", 0, False),
+    ):
+        fn = cached_episode_accuracy(
+            head(steps_, normalise), None, feats, counts, ways, shots, q, chunk
+        )
+        rows.append((f"whole episode, chunks of {chunk}, {label}", fn, (keys,)))
+    out = []
+    for name, fn, args in rows:
+        cpu, wall = _timed(fn, *args)
+        out.append({"piece": name, "cpu_ms": 1e3 * cpu / batch, "wall_ms": 1e3 * wall / batch})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", default="/work/runs/mtl_cosine576")
+    ap.add_argument("--run", default="/work/runs/mtl_quick")
     ap.add_argument("--setting", default="5w1s")
     ap.add_argument("--episodes", type=int, default=10000, help="for the vmapped evaluator")
     ap.add_argument("--sklearn_episodes", type=int, default=500)
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--queries", type=int, default=15)
     ap.add_argument("--split", default="test")
+    ap.add_argument("--chunk", type=int, default=0, help="episodes per vmapped chunk; 0: default")
     args = ap.parse_args()
     os.environ.setdefault("MTL_GBML_DATA_DIR", "/work/shared/data")
     os.environ.setdefault("TFDS_DATA_DIR", "/tmp/tfds")
@@ -44,8 +170,14 @@ def main() -> None:
     from mtl_gbml import algorithms, models
     from mtl_gbml.algorithms.base import l2_normalize
     from mtl_gbml.data import datasets
-    from mtl_gbml.data.sampler import prepare_tasks, sample_indices, sample_tasks
-    from mtl_gbml.evaluation import embed_pool, parse_setting
+    from mtl_gbml.data.sampler import prepare_tasks, sample_tasks
+    from mtl_gbml.evaluation import (
+        cached_episode_accuracy,
+        embed_pool,
+        episode_chunk,
+        episode_features,
+        parse_setting,
+    )
 
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     busy_before = C.other_processes()
@@ -73,18 +205,9 @@ def main() -> None:
     q = args.queries
     sy = jnp.repeat(jnp.arange(ways), shots)
     qy = jnp.repeat(jnp.arange(ways), q)
-
-    def gather(rng):
-        classes, pos = sample_indices(rng, counts, feats.shape[1], ways, shots + q)
-        f = feats[classes[:, None], pos]
-        return f[:, :shots].reshape(ways * shots, -1), f[:, shots:].reshape(ways * q, -1)
-
-    def one(rng):  # the evaluator's episode: sample, fit the head, predict (evaluation.py)
-        sf, qf = gather(rng)
-        logits = algorithm.predict_from_features(params, sf, sy, qf, ways)
-        return (logits.argmax(-1) == qy).mean()
-
-    batch_fn = jax.jit(jax.vmap(one))
+    chunk = args.chunk or episode_chunk(feats.shape[-1], ways, shots, q)
+    # the evaluator's episodes (evaluation.py): sample, fit the head, predict
+    batch_fn = cached_episode_accuracy(algorithm, params, feats, counts, ways, shots, q, chunk)
     key = jax.random.PRNGKey(1)
 
     # same episodes for both: the first sklearn_episodes keys
@@ -97,10 +220,11 @@ def main() -> None:
     ]
     jax_s, jax_cpu = time.perf_counter() - t, time.process_time() - c
     accs = np.concatenate(accs)
+    gather = lambda k: episode_features(k, feats, counts, ways, shots, q)
     sfs, qfs = jax.jit(jax.vmap(gather))(keys[:n_sk])
     sfs, qfs = np.asarray(l2_normalize(sfs)), np.asarray(l2_normalize(qfs))
     ys, yq = np.asarray(sy), np.asarray(qy)
-    sk = []
+    sk, sk_iters = [], []
     t, c = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -108,8 +232,12 @@ def main() -> None:
             clf = LogisticRegression(C=c_reg, solver="lbfgs", max_iter=1000)
             clf.fit(sfs[e], ys)
             sk.append((clf.predict(qfs[e]) == yq).mean())
+            sk_iters.append(int(np.max(clf.n_iter_)))
     sk_s, sk_cpu = time.perf_counter() - t, time.process_time() - c
     sk = np.asarray(sk)
+    pieces = profile(
+        algorithm, params, feats, counts, ways, shots, q, args.batch, c_reg, steps, chunk
+    )
     eps, sk_eps = args.episodes / jax_s, n_sk / sk_s
     ci = lambda a: 1.96 * 100 * a.std(ddof=1) / np.sqrt(len(a))
     busy_after = C.other_processes()
@@ -125,6 +253,11 @@ def main() -> None:
         "speedup": eps / sk_eps,
         "accuracy": 100 * float(accs[:n_sk].mean()),
         "sklearn_accuracy": 100 * float(sk.mean()),
+        "sklearn_lbfgs_iterations": {
+            "median": float(np.median(sk_iters)),
+            "mean": float(np.mean(sk_iters)),
+            "max": int(np.max(sk_iters)),
+        },
         "accuracy_all_episodes": 100 * float(accs.mean()),
         "accuracy_all_episodes_ci95": float(ci(accs)),
         "accuracy_difference_same_episodes": 100 * float(accs[:n_sk].mean() - sk.mean()),
@@ -134,6 +267,10 @@ def main() -> None:
         "episodes": args.episodes,
         "sklearn_episodes": n_sk,
         "batch": args.batch,
+        "chunk": chunk,
+        "profile_per_episode": pieces,
+        "cpu_affinity": sorted(os.sched_getaffinity(0)),
+        "load_average_after": C.loadavg(),
         "logreg": {"C": c_reg, "steps": steps, "sklearn": "lbfgs, max_iter=1000, tol=1e-4"},
         "features": source,
         "feature_dim": int(feats.shape[-1]),
@@ -156,8 +293,9 @@ def main() -> None:
         "| learner | episodes | episodes/s (wall) | episodes per CPU-second | accuracy on the "
         "shared episodes (%) |",
         "|---|---|---|---|---|",
-        f"| vmapped JAX evaluator (`evaluation.py` path: sample + fit {steps} accelerated "
-        f"gradient steps + predict, batches of {args.batch}) | {args.episodes} | {eps:.0f} | "
+        f"| vmapped JAX evaluator (`evaluation.cached_episode_accuracy`: sample + fit {steps} "
+        f"accelerated gradient steps + predict, batches of {args.batch} keys, vmapped in chunks "
+        f"of {chunk}) | {args.episodes} | {eps:.0f} | "
         f"{cpu_eps:.0f} | "
         f"{out['accuracy']:.2f} |",
         f"| scikit-learn `LogisticRegression(C={c_reg:g}, lbfgs, max_iter=1000)`, Python loop "
@@ -170,14 +308,28 @@ def main() -> None:
         f"{out['accuracy_difference_same_episodes']:+.2f} points "
         f"({out['episodes_disagreeing_in_accuracy']} episodes differ at all). JAX evaluator over "
         f"all {args.episodes} episodes: {out['accuracy_all_episodes']:.2f} +- "
-        f"{out['accuracy_all_episodes_ci95']:.2f}%.",
+        f"{out['accuracy_all_episodes_ci95']:.2f}%. scikit-learn's lbfgs took "
+        f"{out['sklearn_lbfgs_iterations']['median']:g} iterations per episode (median; mean "
+        f"{out['sklearn_lbfgs_iterations']['mean']:.1f}, max {out['sklearn_lbfgs_iterations']['max']}"
+        "): its cost, so the ratio, depends on the features.",
         "",
-        "Other processes using CPU (ps, >=10%) before: "
+        f"Pinned to CPU(s) {out['cpu_affinity']} of {os.cpu_count()}. Other processes using "
+        "CPU (ps, >=10%) before: "
         + ("; ".join(busy_before) or "none")
         + ". After: "
         + ("; ".join(busy_after) or "none")
-        + ".",
+        + f". Load average after: {out['load_average_after']}.",
+        "",
+        f"## Where an episode's time goes ({args.setting}, batches of {args.batch})",
+        "",
+        "Each piece its own jitted program vmapped over one batch, inputs and outputs "
+        "materialised (so the pieces pay memory traffic that the fused whole episode partly "
+        "avoids); least of 5 calls, per episode.",
+        "",
+        "| piece | CPU (ms/episode) | wall (ms/episode) |",
+        "|---|---|---|",
     ]
+    md += [f"| {r['piece']} | {r['cpu_ms']:.4f} | {r['wall_ms']:.4f} |" for r in pieces]
     C.write_md("eval_throughput", md)
     print("\n".join(md))
 
