@@ -11,7 +11,8 @@ is validation accuracy against ``wall_s`` from the run's metrics.jsonl (the wall
 validations, as a user pays for them). Speedup of a GBML algorithm = the wall time at which it
 first reaches its best validation accuracy / the wall time at which MTL first reaches that same
 accuracy. Each run's results.json (test accuracy at 5w1s and 20w1s; whole-network methods with
-``--test_episodes_whole`` episodes) is copied to <results_dir>/omniglot/<algorithm>.json.
+``--test_episodes_whole`` episodes) is copied to <results_dir>/omniglot/<algorithm>.json
+(MTL's to omniglot/mtl_budget.json: omniglot/mtl.json is the full MTL run).
 Writes <results_dir>/time_to_accuracy.{json,md,png}. Runs resume: rerunning evaluates only.
 """
 
@@ -224,7 +225,9 @@ def main() -> None:
                 if (
                     s == settings[0] and vs == s
                 ):  # one results file per algorithm: the first setting's run
-                    with open(os.path.join(args.results_dir, "omniglot", f"{a}.json"), "w") as f:
+                    # mtl.json holds the full MTL run (README); the budget run goes beside it
+                    fname = "mtl_budget.json" if a == "mtl" else f"{a}.json"
+                    with open(os.path.join(args.results_dir, "omniglot", fname), "w") as f:
                         json.dump(res, f, indent=2)
             per[a] = entry
         mtl = per.get("mtl", {}).get("curve", [])
