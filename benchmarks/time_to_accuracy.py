@@ -13,7 +13,8 @@ first reaches its best validation accuracy / the wall time at which MTL first re
 accuracy. Each run's results.json (test accuracy at 5w1s and 20w1s; whole-network methods with
 ``--test_episodes_whole`` episodes) is copied to <results_dir>/omniglot/<algorithm>.json
 (MTL's to omniglot/mtl_budget.json: omniglot/mtl.json is the full MTL run).
-Writes <results_dir>/time_to_accuracy.{json,md,png}. Runs resume: rerunning evaluates only.
+Writes <results_dir>/time_to_accuracy.{json,md,png}. Runs resume; a finished run (results.json
+under the same config) is reused as it is, so algorithms can be added or rerun one at a time.
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ def _worker(spec: dict) -> None:
     train_and_evaluate(run_config(spec), spec["workdir"])
 
 
+def finished(spec: dict) -> bool:
+    """A run that already holds results.json under the same config (it used its budget and was
+    evaluated): it is reused, not retrained or re-evaluated."""
+    wd = spec["workdir"]
+    paths = [os.path.join(wd, f) for f in ("results.json", "config.json")]
+    if not all(os.path.exists(p) for p in paths):
+        return False
+    return json.load(open(paths[1])) == json.loads(run_config(spec).to_json_best_effort())
+
+
 def curve(workdir: str, key: str = "val_accuracy") -> list[dict]:
     """Validation accuracy against wall time from a run's metrics.jsonl (``key``: the logged
     field, ``val_accuracy`` for train.val_setting, ``val_accuracy_<setting>`` for the extras)."""
@@ -100,6 +111,13 @@ def main() -> None:
         "extra training (validation time counts against the budget)",
     )
     ap.add_argument("--eval_every", type=int, default=0, help="0 = each config's own")
+    ap.add_argument(
+        "--eval_every_whole",
+        type=int,
+        default=0,
+        help=f"validation every N steps for {WHOLE_NETWORK}, whose validation adapts the whole "
+        "network per episode (0 = --eval_every)",
+    )
     ap.add_argument("--val_episodes", type=int, default=0, help="0 = each config's own")
     ap.add_argument("--test_episodes", type=int, default=10000)
     ap.add_argument("--test_episodes_whole", type=int, default=500, help=f"for {WHOLE_NETWORK}")
@@ -143,7 +161,9 @@ def main() -> None:
                 "min_steps": args.min_steps,
                 "val_setting": s,
                 "extra_val_settings": extras,
-                "eval_every": args.eval_every,
+                "eval_every": (args.eval_every_whole or args.eval_every)
+                if a in WHOLE_NETWORK
+                else args.eval_every,
                 "val_episodes": args.val_episodes,
                 "test_episodes": args.test_episodes_whole
                 if a in WHOLE_NETWORK
@@ -156,30 +176,50 @@ def main() -> None:
     running, done = [], []
     log_dir = os.path.join(args.workdir_root, "logs")
     os.makedirs(log_dir, exist_ok=True)
-    queue = list(jobs)
+    cores = [c for c in args.pin_cpu.split(",") if c]
+    # several cores and several runs at a time: each run gets one core of its own
+    per_run_core = len(cores) > 1 and args.parallel > 1
+    if per_run_core and args.parallel > len(cores):
+        ap.error(f"--parallel {args.parallel} needs as many cores in --pin_cpu ({args.pin_cpu})")
+    queue = []
+    for spec in jobs:
+        if finished(spec):
+            spec["returncode"], spec["process_s"], spec["reused"] = 0, 0.0, True
+            done.append(spec)
+            print(f"reusing the finished run {spec['workdir']}", flush=True)
+        else:
+            queue.append(spec)
     while queue or running:
         while queue and len(running) < max(1, args.parallel):
             spec = queue.pop(0)
             log = open(os.path.join(log_dir, os.path.basename(spec["workdir"]) + ".log"), "w")
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
             env = C.env()
-            if args.pin_cpu:
-                cmd = ["taskset", "-c", args.pin_cpu, *cmd]
+            core = None
+            if cores:
+                if per_run_core:
+                    core = next(c for c in cores if c not in {r[4] for r in running})
+                cmd = ["taskset", "-c", core or args.pin_cpu, *cmd]
                 env["XLA_FLAGS"] = (
                     env.get("XLA_FLAGS", "") + " " + SINGLE_THREAD_XLA_FLAGS
                 ).strip()
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=C.ROOT)
-            running.append((p, spec, log, time.time()))
-            print(f"started {spec['algorithm']} ({spec['val_setting']}) pid {p.pid}", flush=True)
+            running.append((p, spec, log, time.time(), core))
+            where = f" on core {core}" if core else ""
+            print(
+                f"started {spec['algorithm']} ({spec['val_setting']}){where} pid {p.pid}",
+                flush=True,
+            )
         time.sleep(2)
         for item in list(running):
-            p, spec, log, t0 = item
+            p, spec, log, t0, _ = item
             if p.poll() is not None:
                 log.close()
                 running.remove(item)
                 spec["returncode"], spec["process_s"] = p.returncode, time.time() - t0
                 done.append(spec)
                 print(f"finished {spec['algorithm']} rc={p.returncode}", flush=True)
+    done.sort(key=lambda j: jobs.index(j))  # the table in the order of --algorithms
 
     # curves, speedups, results copies
     out = {
@@ -279,12 +319,28 @@ def main() -> None:
         f"training tasks), the same wall-clock budget of {args.budget_s:.0f} s "
         f"(`train.time_budget_s`), {args.parallel} run(s) at a time on this machine"
         + (
-            f", each pinned to CPU core(s) {args.pin_cpu} with XLA's CPU backend single-threaded "
-            f"(`{SINGLE_THREAD_XLA_FLAGS}`)"
+            (
+                f", each on one CPU core of its own (cores {args.pin_cpu})"
+                if per_run_core
+                else f", each pinned to CPU core(s) {args.pin_cpu}"
+            )
+            + f" with XLA's CPU backend single-threaded (`{SINGLE_THREAD_XLA_FLAGS}`)"
             if args.pin_cpu
             else ""
         )
-        + ". Wall time "
+        + ". Validation every "
+        + (
+            f"{args.eval_every} steps"
+            if args.eval_every
+            else "each config's `train.eval_every` steps"
+        )
+        + (
+            f" ({', '.join(WHOLE_NETWORK)}: every {args.eval_every_whole} steps, their validation "
+            "adapts the whole network in every episode)"
+            if args.eval_every_whole
+            else ""
+        )
+        + ", and once more when the budget runs out. Wall time "
         "includes compilation (the first step) and the periodic validations. Speedup = the GBML algorithm's time to first reach "
         "its best validation accuracy / MTL's time to first reach that accuracy.",
         "",
