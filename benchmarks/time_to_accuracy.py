@@ -328,11 +328,11 @@ def main() -> None:
             if args.pin_cpu
             else ""
         )
-        + ". Validation every "
+        + ". Validation "
         + (
-            f"{args.eval_every} steps"
+            f"every {args.eval_every} steps"
             if args.eval_every
-            else "each config's `train.eval_every` steps"
+            else "at each config's `train.eval_every`"
         )
         + (
             f" ({', '.join(WHOLE_NETWORK)}: every {args.eval_every_whole} steps, their validation "
