@@ -261,11 +261,13 @@ def main() -> None:
                     "extra_val_settings": extras,
                     "pin_cpu": args.pin_cpu or None,
                     "test_episodes": spec["test_episodes"],
+                    # made by an earlier invocation (same config), whose --parallel/--pin_cpu
+                    # may have differed from this one's
+                    "reused": bool(spec.get("reused")),
                 }
-                if (
-                    s == settings[0] and vs == s
-                ):  # one results file per algorithm: the first setting's run
-                    # mtl.json holds the full MTL run (README); the budget run goes beside it
+                # one results file per algorithm: the first setting's run; mtl.json holds the
+                # full MTL run (README), so MTL's budget run goes beside it
+                if s == settings[0] and vs == s:
                     fname = "mtl_budget.json" if a == "mtl" else f"{a}.json"
                     with open(os.path.join(args.results_dir, "omniglot", fname), "w") as f:
                         json.dump(res, f, indent=2)
