@@ -9,8 +9,8 @@ Features: the trained MTL run's backbone if ``--run`` holds checkpoints (loaded 
 ``mtl_gbml.run_loading.load_run``; ``python -m mtl_gbml.train --config configs/omniglot/mtl.py:quick
 --workdir /work/runs/mtl_quick`` makes one in minutes), else a randomly initialised Conv4 (the
 markdown says which). The evaluator timed is ``evaluation.cached_episode_accuracy`` itself; a
-profile times its pieces (sample, gather, fit, predict) separately and the whole episode before and
-after the sampler's partial selection and the chunking. Writes
+profile times its pieces (sample, Gram matrices, fit) separately and the whole episode before and
+after the Gram path (and the tolerance-stopped fit alone). Writes
 benchmarks/results/eval_throughput.{json,md}.
 """
 
@@ -53,23 +53,27 @@ def profile(
     batch: int,
     c_reg: float,
     steps: int,
+    tol: float,
     chunk: int,
-) -> list[dict]:
-    """Per-episode cost of each piece of the cached-feature evaluator, each piece its own jitted
-    program vmapped over one batch (inputs and outputs materialised), then whole episodes."""
+) -> tuple[list[dict], dict]:
+    """Per-episode cost of each piece of the cached-feature evaluator (each piece its own jitted
+    program over one batch, inputs and outputs materialised), then whole episodes: the evaluator
+    before this change (features path, 300 fixed steps), with the tolerance only, and now. Also
+    the fit's steps taken on these episodes."""
     import jax
     import jax.numpy as jnp
 
     from mtl_gbml import linear_heads
     from mtl_gbml.algorithms.base import Algorithm, l2_normalize
     from mtl_gbml.data.sampler import sample_indices
-    from mtl_gbml.evaluation import cached_episode_accuracy
+    from mtl_gbml.evaluation import cached_episode_accuracy, episode_grams
 
     n_cls, m, d = feats.shape
     sy, qy = jnp.repeat(jnp.arange(ways), shots), jnp.repeat(jnp.arange(ways), q)
     keys = jax.random.split(jax.random.PRNGKey(2), batch)
+    table = l2_normalize(feats)
 
-    def draw_sorted(rng):  # the sampler before: full argsorts (same draw)
+    def draw_sorted(rng):  # the sampler before session 3: full argsorts (same draw)
         k_cls, k_img = jax.random.split(rng)
         classes = jnp.argsort(jax.random.uniform(k_cls, (n_cls,)))[:ways]
         u = jax.random.uniform(k_img, (ways, m))
@@ -78,74 +82,81 @@ def profile(
 
     draw = lambda rng: sample_indices(rng, counts, m, ways, shots + q)
 
-    def split(f):
+    def gather_rows(c, p):
+        f = feats[c[:, None], p]
         return f[:, :shots].reshape(ways * shots, d), f[:, shots:].reshape(ways * q, d)
 
-    gather_2d = lambda c, p: split(feats[c[:, None], p])
-    gather_flat = lambda c, p: split(feats.reshape(n_cls * m, d)[c[:, None] * m + p])
+    def chunked(f):
+        return jax.jit(lambda k: jax.lax.map(f, k, batch_size=chunk))
 
-    def fit(sf):
-        return linear_heads.logistic_regression(l2_normalize(sf), sy, ways, c_reg, steps)
+    grams = lambda k: episode_grams(k, table, counts, ways, shots, q)
 
-    def predict(qf, w, b):
-        return ((l2_normalize(qf) @ w.T + b).argmax(-1) == qy).mean()
-
-    def whole(sample):
-        def one(rng):
-            sf, qf = gather_2d(*sample(rng))
-            logits = algorithm.predict_from_features(params, sf, sy, qf, ways)
-            return (logits.argmax(-1) == qy).mean()
+    def fit_gram(steps_, tol_):
+        def one(gs, gq):
+            a, b = linear_heads.logistic_regression_dual(gs, sy, ways, c_reg, steps_, tol_)
+            return ((gq @ a + b).argmax(-1) == qy).mean()
 
         return jax.jit(jax.vmap(one))
 
-    vj = lambda f: jax.jit(jax.vmap(f))
-    cls, pos = vj(draw)(keys)
-    sf, qf = vj(gather_2d)(cls, pos)
-    w, b = vj(fit)(sf)
-    rows = [
-        ("sample: full argsorts (before)", vj(draw_sorted), (keys,)),
-        ("sample: `lax.top_k` partial selection (now)", vj(draw), (keys,)),
-        ("gather: `feats[classes[:, None], pos]` + support/query split", vj(gather_2d), (cls, pos)),
-        ("gather: flat rows `feats.reshape(C * M, D)[idx]` + split", vj(gather_flat), (cls, pos)),
-        (f"fit: L2-normalise support + logistic regression ({steps} steps)", vj(fit), (sf,)),
-        ("predict: L2-normalise queries, logits, accuracy", vj(predict), (qf, w, b)),
-        (
-            f"whole episode, full argsorts, one vmap of {batch} (before)",
-            whole(draw_sorted),
-            (keys,),
-        ),
-        (f"whole episode, `lax.top_k`, one vmap of {batch}", whole(draw), (keys,)),
-        (
-            f"whole episode, `lax.top_k`, `lax.map` over vmapped chunks of {chunk} (now)",
-            cached_episode_accuracy(algorithm, params, feats, counts, ways, shots, q, chunk),
-            (keys,),
-        ),
-    ]
-
-    # the chunked episode with pieces taken out: what the fit's iterations and the normalisation
-    # cost inside it (the same head as mtl.py's predict_from_features, written out here)
-    def head(steps, normalise):
+    def features_head(steps_, tol_):  # mtl.py's predict_from_features, written out here
         def predict_from_features(params, sf, sy, qf, ways):
-            if normalise:
-                sf, qf = l2_normalize(sf), l2_normalize(qf)
-            w, b = linear_heads.logistic_regression(sf, sy, ways, c_reg, steps)
+            sf, qf = l2_normalize(sf), l2_normalize(qf)
+            w, b = linear_heads.logistic_regression(sf, sy, ways, c_reg, steps_, tol_)
             return qf @ w.T + b
 
         return Algorithm("head", None, None, None, True, None, predict_from_features)
 
-    for label, steps_, normalise in (
-        ("without the fit's iterations (0 steps)", 0, True),
-        ("without the fit's iterations and the L2 normalisation", 0, False),
-    ):
-        fn = cached_episode_accuracy(
-            head(steps_, normalise), None, feats, counts, ways, shots, q, chunk
-        )
-        rows.append((f"whole episode, chunks of {chunk}, {label}", fn, (keys,)))
+    vj = lambda f: jax.jit(jax.vmap(f))
+    cls, pos = vj(draw)(keys)
+    gs, gq = chunked(grams)(keys)
+    evaluator = lambda a: cached_episode_accuracy(a, params, feats, counts, ways, shots, q, chunk)
+    rows = [
+        ("sample: full argsorts (before session 3)", vj(draw_sorted), (keys,)),
+        ("sample: `lax.top_k` partial selection", vj(draw), (keys,)),
+        ("gather rows `feats[classes[:, None], pos]` + split", vj(gather_rows), (cls, pos)),
+        (
+            f"`episode_grams`: sample + class blocks + products, chunks of {chunk}",
+            chunked(grams),
+            (keys,),
+        ),
+        (
+            f"fit from Gram matrices + predict, {steps} steps at most, tol {tol:g}",
+            fit_gram(steps, tol),
+            (gs, gq),
+        ),
+        ("fit from Gram matrices + predict, 300 fixed steps", fit_gram(300, 0.0), (gs, gq)),
+        (
+            f"whole episode, features path, 300 fixed steps, chunks of {chunk} (before)",
+            evaluator(features_head(300, 0.0)),
+            (keys,),
+        ),
+        (
+            f"whole episode, features path, tol {tol:g}, chunks of {chunk}",
+            evaluator(features_head(steps, tol)),
+            (keys,),
+        ),
+        (
+            "whole episode, Gram path: `cached_episode_accuracy` with MTL (now)",
+            evaluator(algorithm),
+            (keys,),
+        ),
+    ]
     out = []
     for name, fn, args in rows:
         cpu, wall = _timed(fn, *args)
         out.append({"piece": name, "cpu_ms": 1e3 * cpu / batch, "wall_ms": 1e3 * wall / batch})
-    return out
+    taken = jax.jit(
+        jax.vmap(
+            lambda g: linear_heads.logistic_regression_dual(g, sy, ways, c_reg, steps, tol, True)[2]
+        )
+    )(gs)
+    taken = jnp.asarray(taken)
+    fit_steps = {
+        "median": float(jnp.median(taken)),
+        "max": int(taken.max()),
+        "note": "per episode; a vmapped chunk runs until its slowest episode stops",
+    }
+    return out, fit_steps
 
 
 def main() -> None:
@@ -197,6 +208,7 @@ def main() -> None:
         params, state = algorithm.init(k, ex)
         source = f"randomly initialised Conv4 ({args.run} has no checkpoints)"
     c_reg, steps = float(config.eval.logreg_c), int(config.eval.logreg_steps)
+    tol = float(config.eval.logreg_tol)
     pool = datasets.load_pool(config.data, args.split)
     t = time.perf_counter()
     feats = jax.block_until_ready(embed_pool(algorithm.embed, params, state, pool))
@@ -235,8 +247,8 @@ def main() -> None:
             sk_iters.append(int(np.max(clf.n_iter_)))
     sk_s, sk_cpu = time.perf_counter() - t, time.process_time() - c
     sk = np.asarray(sk)
-    pieces = profile(
-        algorithm, params, feats, counts, ways, shots, q, args.batch, c_reg, steps, chunk
+    pieces, fit_steps = profile(
+        algorithm, params, feats, counts, ways, shots, q, args.batch, c_reg, steps, tol, chunk
     )
     eps, sk_eps = args.episodes / jax_s, n_sk / sk_s
     ci = lambda a: 1.96 * 100 * a.std(ddof=1) / np.sqrt(len(a))
@@ -271,7 +283,13 @@ def main() -> None:
         "profile_per_episode": pieces,
         "cpu_affinity": sorted(os.sched_getaffinity(0)),
         "load_average_after": C.loadavg(),
-        "logreg": {"C": c_reg, "steps": steps, "sklearn": "lbfgs, max_iter=1000, tol=1e-4"},
+        "logreg": {
+            "C": c_reg,
+            "max_steps": steps,
+            "tol": tol,
+            "steps_taken": fit_steps,
+            "sklearn": "lbfgs, max_iter=1000, tol=1e-4",
+        },
         "features": source,
         "feature_dim": int(feats.shape[-1]),
         "embed_split_s": embed_s,
@@ -293,9 +311,11 @@ def main() -> None:
         "| learner | episodes | episodes/s (wall) | episodes per CPU-second | accuracy on the "
         "shared episodes (%) |",
         "|---|---|---|---|---|",
-        f"| vmapped JAX evaluator (`evaluation.cached_episode_accuracy`: sample + fit {steps} "
-        f"accelerated gradient steps + predict, batches of {args.batch} keys, vmapped in chunks "
-        f"of {chunk}) | {args.episodes} | {eps:.0f} | "
+        f"| vmapped JAX evaluator (`evaluation.cached_episode_accuracy`: split L2-normalised "
+        f"once; per episode sample + Gram matrices, in vmapped chunks of {chunk}; then the fit "
+        f"from the Gram matrices by accelerated gradient descent to tol {tol:g} (median "
+        f"{fit_steps['median']:g} steps, max {fit_steps['max']}) + predict; batches of "
+        f"{args.batch} keys) | {args.episodes} | {eps:.0f} | "
         f"{cpu_eps:.0f} | "
         f"{out['accuracy']:.2f} |",
         f"| scikit-learn `LogisticRegression(C={c_reg:g}, lbfgs, max_iter=1000)`, Python loop "

@@ -85,7 +85,8 @@ def get_config(algorithm: str = "mtl") -> ml_collections.ConfigDict:
     c.eval.batch = 500  # episodes per vmapped evaluation batch
     c.eval.use_best = True  # evaluate the best-validation parameters when validation ran
     c.eval.logreg_c = 3.0  # inverse L2 strength of the test-time logistic regression (sklearn C)
-    c.eval.logreg_steps = 300
+    c.eval.logreg_steps = 1000  # at most; the fit stops at the gradient tolerance below
+    c.eval.logreg_tol = 1e-5  # gradient norm / (C * support size), as sklearn's tol; 0: all steps
 
     # devices and hosts (see mtl_gbml/parallel.py); none of these change the results
     c.parallel = ml_collections.ConfigDict()

@@ -82,9 +82,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("data.tasks_per_step", c.data.tasks_per_step),
         ("eval.episodes", c.eval.episodes),
         ("eval.batch", c.eval.batch),
+        ("eval.logreg_steps", c.eval.logreg_steps),
+        ("eval.logreg_c", c.eval.logreg_c),
     ]:
         if not value > 0:
             raise ConfigError(f"{key}={value} must be positive")
+    if not c.eval.logreg_tol >= 0:
+        raise ConfigError(
+            f"eval.logreg_tol={c.eval.logreg_tol} must be >= 0 (0: always eval.logreg_steps steps)"
+        )
     if not c.optimizer.lr > 0:
         raise ConfigError(f"optimizer.lr={c.optimizer.lr} must be positive")
     vmapped = c.algo.get("tasks_vmapped", 0)

@@ -79,7 +79,34 @@ def episode_features(
     return f[:, :shots].reshape(ways * shots, -1), f[:, shots:].reshape(ways * queries, -1)
 
 
+def episode_grams(
+    rng: jax.Array, feats: jax.Array, class_counts: jax.Array, ways: int, shots: int, queries: int
+) -> tuple[jax.Array, jax.Array]:
+    """Inner products of one episode over cached features [C, M, D]: support Gram [N*K, N*K] and
+    query-support [N*Q, N*K], for the episode ``episode_features`` draws from the same rng.
+
+    When a class holds few more images than an episode draws from it (M <= 2 (K+Q): Omniglot's 20
+    against 16), the N class blocks [N, M, D] are gathered whole and all their rows multiplied by
+    the support features; the products are then picked. Contiguous blocks gather faster on CPU
+    than scattered rows (0.08 against 0.11 ms per 5w1s episode, eval_throughput.md); with many
+    images per class (mini-ImageNet's 600) only the drawn rows are gathered.
+    """
+    m = feats.shape[1]
+    if m > 2 * (shots + queries):
+        sf, qf = episode_features(rng, feats, class_counts, ways, shots, queries)
+        return sf @ sf.T, qf @ sf.T
+    classes, pos = sample_indices(rng, class_counts, m, ways, shots + queries)
+    blocks = feats[classes]  # [N, M, D]
+    sf = jnp.take_along_axis(blocks, pos[:, :shots, None], axis=1).reshape(ways * shots, -1)
+    products = (blocks.reshape(ways * m, -1) @ sf.T).reshape(ways, m, ways * shots)
+    qs = jnp.take_along_axis(products, pos[:, shots:, None], axis=1)
+    return sf @ sf.T, qs.reshape(ways * queries, ways * shots)
+
+
 CHUNK_BYTES = 4 << 20  # gathered features per vmapped chunk: about one core's L2 cache
+# Gram matrices per vmapped chunk of the fit: its iterations stream them at every step; 256 KiB
+# was the best of 0.25/1/4/64 MiB on 5w5s-20w5s (20w5s 5.0 against 6.3-7.7 ms an episode)
+FIT_CHUNK_BYTES = 256 << 10
 
 
 def episode_chunk(feature_dim: int, ways: int, shots: int, queries: int) -> int:
@@ -90,6 +117,13 @@ def episode_chunk(feature_dim: int, ways: int, shots: int, queries: int) -> int:
     (benchmarks/results/eval_throughput.md)."""
     per_episode = ways * (shots + queries) * feature_dim * 4
     return max(1, CHUNK_BYTES // per_episode)
+
+
+def uses_gram(algorithm: Algorithm, feature_dim: int, ways: int, shots: int) -> bool:
+    """Whether the cached-feature evaluator hands the head Gram matrices: the algorithm has
+    ``predict_from_gram`` and the support set is no larger than the feature dimension (beyond it
+    an [n, n] Gram costs more than the features)."""
+    return algorithm.predict_from_gram is not None and ways * shots <= feature_dim
 
 
 def cached_episode_accuracy(
@@ -103,14 +137,40 @@ def cached_episode_accuracy(
     chunk: int | None = None,
 ) -> Callable[[jax.Array], jax.Array]:
     """Jitted ``keys [B, ...] -> accuracy [B]``, one episode per key: sample over the cached
-    features, fit the head, predict. Vmapped over ``chunk`` episodes at a time (default
-    ``episode_chunk``; ``chunk >= B``: one vmap over the whole batch), a ``lax.map`` over the
-    chunks: per episode the same computation whatever the chunk, equal up to float32 rounding
-    (XLA vectorises for the batch size it sees, as it did for a smaller last batch before)."""
+    features, fit the head, predict.
+
+    Heads with ``predict_from_gram`` (``uses_gram``), in two stages: the algorithm's
+    ``feature_transform`` is applied to the cached split once; a ``lax.map`` over vmapped chunks
+    of ``chunk`` episodes (default ``episode_chunk``) gathers and multiplies each episode's features
+    into its Gram matrices (5w1s: 400 floats against 46,000 gathered); then a second ``lax.map``
+    fits and predicts from them over chunks of ``FIT_CHUNK_BYTES`` of Gram matrices (5w1s: 163
+    episodes), so the fit's iterations run over many episodes at once.
+    Other heads: each chunk gathers the episode features and calls ``predict_from_features``.
+    Per episode the same computation whatever the chunk, equal up to float32 rounding (XLA
+    vectorises for the batch size it sees, as it does for a smaller last batch)."""
     sy = jnp.repeat(jnp.arange(ways), shots)
     qy = jnp.repeat(jnp.arange(ways), queries)
     if chunk is None:
         chunk = episode_chunk(feats.shape[-1], ways, shots, queries)
+
+    if uses_gram(algorithm, feats.shape[-1], ways, shots):
+        table = feats if algorithm.feature_transform is None else algorithm.feature_transform(feats)
+        grams = lambda rng: episode_grams(rng, table, class_counts, ways, shots, queries)
+
+        def fit_predict(support_gram, query_support_gram):
+            logits = algorithm.predict_from_gram(params, support_gram, query_support_gram, sy, ways)
+            return (logits.argmax(-1) == qy).mean()
+
+        n = ways * shots
+        fit_chunk = max(1, FIT_CHUNK_BYTES // ((n + ways * queries) * n * 4))
+
+        def batch(keys):
+            support_gram, query_support_gram = jax.lax.map(grams, keys, batch_size=chunk)
+            return jax.lax.map(
+                lambda g: fit_predict(*g), (support_gram, query_support_gram), batch_size=fit_chunk
+            )
+
+        return jax.jit(batch)
 
     def one(rng):
         sf, qf = episode_features(rng, feats, class_counts, ways, shots, queries)

@@ -3,7 +3,8 @@
 ``logistic_regression`` is the official MTL recipe's test-time learner: L2-regularised multinomial
 logistic regression, the same objective as scikit-learn's ``LogisticRegression(C, lbfgs)``
 (``C * sum of cross-entropies + 0.5 * ||W||^2``, intercept unpenalised), solved to convergence by
-Nesterov-accelerated gradient descent with a step from the exact smoothness constant.
+Nesterov-accelerated gradient descent with a step from the exact smoothness constant, stopped
+at a gradient-norm tolerance as scikit-learn's lbfgs is.
 """
 
 from __future__ import annotations
@@ -36,58 +37,116 @@ def _top_eigenvalue(a: jax.Array, iters: int = 30) -> jax.Array:
     return v @ _mm(a, v)
 
 
+def _accelerated_descent(grad, gnorm2, theta0, lipschitz, steps, tol_sq):
+    """Nesterov-accelerated gradient descent for a 1-strongly-convex objective with an
+    ``lipschitz``-smooth gradient, from ``theta0`` (a pytree). ``tol_sq > 0``: stop at the first
+    step whose look-ahead gradient has ``gnorm2(g) <= tol_sq``, after at most ``steps`` steps (a
+    ``lax.while_loop``: under vmap, finished episodes keep their iterate while the batch runs on);
+    ``tol_sq == 0``: exactly ``steps`` steps (a ``lax.scan``, reverse-differentiable). Returns
+    (theta, the number of steps taken)."""
+    momentum = (jnp.sqrt(lipschitz) - 1.0) / (jnp.sqrt(lipschitz) + 1.0)  # kappa = L / 1
+
+    def step(theta, prev):
+        look = jax.tree.map(lambda t, p: t + momentum * (t - p), theta, prev)
+        g = grad(look)
+        return jax.tree.map(lambda t, g: t - g / lipschitz, look, g), g
+
+    if tol_sq == 0:
+
+        def body(carry, _):
+            theta, prev = carry
+            return (step(theta, prev)[0], theta), None
+
+        (theta, _), _ = jax.lax.scan(body, (theta0, theta0), None, length=steps)
+        return theta, jnp.int32(steps)
+
+    def cond(carry):
+        t, _, _, gn = carry
+        return (t < steps) & (gn > tol_sq)
+
+    def body_while(carry):
+        t, theta, prev, _ = carry
+        new, g = step(theta, prev)
+        return t + 1, new, theta, gnorm2(g)
+
+    init = (jnp.int32(0), theta0, theta0, jnp.asarray(jnp.inf, lipschitz.dtype))
+    t, theta, _, _ = jax.lax.while_loop(cond, body_while, init)
+    return theta, t
+
+
+def logistic_regression_dual(
+    gram: jax.Array,
+    support_y: jax.Array,
+    ways: int,
+    c: float = 3.0,
+    steps: int = 1000,
+    tol: float = 1e-5,
+    with_steps: bool = False,
+) -> tuple[jax.Array, ...]:
+    """The same fit from the support Gram matrix ``F F^T`` [n, n] alone: (A [n, ways], b [ways])
+    with ``W = A^T F``, so query logits are ``(Q F^T) @ A + b``.
+
+    From W = 0 every gradient step stays in the span of the support features (the gradient in W
+    is ``F^T (c (P - Y) + A)``), so the iterates of the W-space descent follow exactly from ``A``
+    and the Gram matrix, at O(n^2 ways) a step instead of O(n D ways). Stops when the gradient's
+    norm ``||grad_W||^2 + ||grad_b||^2 = tr(R^T F F^T R) + ||grad_b||^2`` (R = c (P - Y) + A) is at
+    most ``(tol * c * n)^2``: scikit-learn's ``tol`` is on the gradient of the objective divided by
+    ``c * n``; ``tol=0`` runs exactly ``steps`` steps. ``with_steps``: also the steps taken.
+    """
+    n = gram.shape[0]
+    dtype = gram.dtype
+    onehot = jax.nn.one_hot(support_y, ways, dtype=dtype)
+    # Hessian of the CE sum <= 0.5 * xa^T xa (x) I with xa = [F, 1], so
+    # L = 0.5 c lambda_max(xa xa^T) + 1, and xa xa^T = F F^T + 1 1^T
+    lipschitz = 0.5 * c * _top_eigenvalue(gram + 1.0) * 1.05 + 1.0
+
+    def grad(theta):
+        a, b = theta
+        g = c * (jax.nn.softmax(_mm(gram, a) + b, axis=-1) - onehot)
+        return g + a, g.sum(0)
+
+    def gnorm2(g):
+        r, gb = g
+        return jnp.sum(r * _mm(gram, r)) + jnp.sum(gb * gb)
+
+    zeros = (jnp.zeros((n, ways), dtype), jnp.zeros((ways,), dtype))
+    (a, b), taken = _accelerated_descent(grad, gnorm2, zeros, lipschitz, steps, (tol * c * n) ** 2)
+    return (a, b, taken) if with_steps else (a, b)
+
+
 def logistic_regression(
     support_f: jax.Array,
     support_y: jax.Array,
     ways: int,
     c: float = 3.0,
-    steps: int = 300,
+    steps: int = 1000,
+    tol: float = 1e-5,
 ) -> tuple[jax.Array, jax.Array]:
     """(W [ways, D], b [ways]) minimising ``c * sum_i CE(W f_i + b, y_i) + 0.5 * ||W||^2``.
 
     With fewer support points than feature dimensions (few-shot: n = ways * shots << D), the
-    iterates are run in the span of the support features: from W = 0 every gradient step keeps
-    ``W = A^T F`` (the gradient in W is ``F^T (c (P - Y) + A)``), so the same iterates follow from
-    ``A [n, ways]`` and the Gram matrix ``F F^T`` at O(n^2 ways) a step instead of O(n D ways).
+    iterates are run in the span of the support features (``logistic_regression_dual``). Either
+    way: accelerated descent until the gradient norm is at most ``tol * c * n`` (at most ``steps``
+    steps; ``tol=0``: exactly ``steps``, differentiable).
     """
     n, d = support_f.shape
-    xa = jnp.concatenate([support_f, jnp.ones((n, 1), support_f.dtype)], axis=1)
-    onehot = jax.nn.one_hot(support_y, ways, dtype=support_f.dtype)
-    gram = support_f @ support_f.T  # [n, n]
-    # Hessian of the CE sum <= 0.5 * xa^T xa (x) I, so L = 0.5 c lambda_max(xa xa^T) + 1
-    lam = _top_eigenvalue(gram + 1.0) * 1.05  # xa xa^T = F F^T + 1 1^T
-    lipschitz = 0.5 * c * lam + 1.0
-    kappa = lipschitz  # strong convexity 1 (in W)
-    momentum = (jnp.sqrt(kappa) - 1.0) / (jnp.sqrt(kappa) + 1.0)
-
-    def run(grad, theta0):
-        def body(carry, _):
-            theta, prev = carry
-            look = jax.tree.map(lambda t, p: t + momentum * (t - p), theta, prev)
-            new = jax.tree.map(lambda t, g: t - g / lipschitz, look, grad(look))
-            return (new, theta), None
-
-        (theta, _), _ = jax.lax.scan(body, (theta0, theta0), None, length=steps)
-        return theta
-
-    if n <= d:  # dual-span iterates: W = A^T F
-
-        def grad_span(theta):
-            a, b = theta
-            g = c * (jax.nn.softmax(_mm(gram, a) + b, axis=-1) - onehot)
-            return g + a, g.sum(0)
-
-        zeros = (jnp.zeros((n, ways), support_f.dtype), jnp.zeros((ways,), support_f.dtype))
-        a, b = run(grad_span, zeros)
+    if n <= d:
+        a, b = logistic_regression_dual(support_f @ support_f.T, support_y, ways, c, steps, tol)
         return a.T @ support_f, b
 
+    xa = jnp.concatenate([support_f, jnp.ones((n, 1), support_f.dtype)], axis=1)
+    onehot = jax.nn.one_hot(support_y, ways, dtype=support_f.dtype)
+    lipschitz = 0.5 * c * _top_eigenvalue(xa.T @ xa) * 1.05 + 1.0
     mask = jnp.concatenate([jnp.ones((d,)), jnp.zeros((1,))]).astype(support_f.dtype)
 
     def grad(theta):  # theta [D+1, ways]
         p = jax.nn.softmax(xa @ theta, axis=-1)
         return c * xa.T @ (p - onehot) + mask[:, None] * theta
 
-    theta = run(grad, jnp.zeros((d + 1, ways), support_f.dtype))
+    zeros = jnp.zeros((d + 1, ways), support_f.dtype)
+    theta, _ = _accelerated_descent(
+        grad, lambda g: jnp.sum(g * g), zeros, lipschitz, steps, (tol * c * n) ** 2
+    )
     return theta[:d].T, theta[d]
 
 

@@ -4,11 +4,19 @@ changes no episode's result."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from conftest import load_config
 
-from mtl_gbml import linear_heads
+from mtl_gbml import algorithms, linear_heads, models
 from mtl_gbml.algorithms.base import Algorithm, l2_normalize
 from mtl_gbml.data.sampler import make_pool, sample_task
-from mtl_gbml.evaluation import cached_episode_accuracy, episode_chunk, episode_features
+from mtl_gbml.evaluation import (
+    cached_episode_accuracy,
+    episode_chunk,
+    episode_features,
+    episode_grams,
+    uses_gram,
+)
 
 
 def _logreg_head(params, support_f, support_y, query_f, ways):
@@ -68,3 +76,41 @@ def test_episode_chunk_keeps_the_gathered_features_small():
     assert episode_chunk(576, 5, 1, 15) == 22  # 5w1s on 576-d features: ~4 MiB a chunk
     assert episode_chunk(576, 20, 5, 15) == 4
     assert episode_chunk(10**6, 20, 5, 15) == 1  # never zero
+
+
+@pytest.mark.parametrize("per_class", [12, 40])  # 12: class blocks gathered whole; 40: rows
+def test_episode_grams_are_the_products_of_the_episode_features(per_class):
+    """The Gram matrices are those of the features ``episode_features`` gathers (which the test
+    above ties to the sampler), multiplied here in float64 numpy; classes of unequal size."""
+    rng = np.random.default_rng(1)
+    feats = jnp.asarray(rng.normal(size=(30, per_class, 8)).astype(np.float32))
+    counts = jnp.asarray(rng.integers(7, per_class + 1, size=30), jnp.int32)
+    for seed in range(5):
+        k = jax.random.PRNGKey(seed)
+        gs, gq = episode_grams(k, feats, counts, 4, 2, 5)
+        sf, qf = (np.asarray(x, np.float64) for x in episode_features(k, feats, counts, 4, 2, 5))
+        np.testing.assert_allclose(np.asarray(gs), sf @ sf.T, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(gq), qf @ sf.T, rtol=1e-5, atol=1e-5)
+
+
+def test_mtl_gram_path_gives_the_episodes_of_the_feature_path():
+    """MTL's evaluator (normalise the split once, fit from Gram matrices) against the same
+    algorithm's ``predict_from_features`` on gathered raw features, episode by episode."""
+    config = load_config("configs/omniglot/mtl.py", "runlocal")
+    mtl = algorithms.build("mtl", models.build(config.model), config, 10)
+    features_only = Algorithm(
+        "mtl", None, None, None, True, predict_from_features=mtl.predict_from_features
+    )
+    rng = np.random.default_rng(2)
+    means = rng.normal(size=(40, 1, 24))
+    feats = jnp.asarray((means + 0.8 * rng.normal(size=(40, 12, 24))).astype(np.float32) + 0.5)
+    counts = jnp.full((40,), 12, jnp.int32)
+    keys = jax.random.split(jax.random.PRNGKey(4), 60)
+    for ways, shots in [(5, 1), (3, 4)]:
+        assert uses_gram(mtl, 24, ways, shots) and not uses_gram(features_only, 24, ways, shots)
+        gram, direct = (
+            np.asarray(cached_episode_accuracy(a, None, feats, counts, ways, shots, 6)(keys))
+            for a in (mtl, features_only)
+        )
+        np.testing.assert_array_equal(gram, direct)
+        assert 1.5 / ways < gram.mean() < 1.0

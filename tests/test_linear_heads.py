@@ -3,10 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from sklearn.linear_model import LogisticRegression
 
 from mtl_gbml.algorithms.base import l2_normalize
-from mtl_gbml.linear_heads import logistic_regression, prototypes
+from mtl_gbml.linear_heads import logistic_regression, logistic_regression_dual, prototypes
 
 
 def _episodes(n_episodes, ways, shots, queries, dim, seed=0):
@@ -20,14 +21,15 @@ def _episodes(n_episodes, ways, shots, queries, dim, seed=0):
     return norm(s.reshape(n_episodes, -1, dim)), sy, norm(q.reshape(n_episodes, -1, dim)), qy
 
 
-def test_matches_sklearn_on_100_episodes():
-    ways, shots, queries, dim = 5, 5, 15, 32
+@pytest.mark.parametrize("dim", [32, 8])  # 25 support points: the dual path (32), the primal (8)
+def test_matches_sklearn_on_100_episodes(dim):
+    ways, shots, queries = 5, 5, 15
     sf, sy, qf, qy = _episodes(100, ways, shots, queries, dim)
 
     @jax.jit
     @jax.vmap
     def fit_predict(s, q):
-        w, b = logistic_regression(s, jnp.asarray(sy), ways, c=3.0, steps=300)
+        w, b = logistic_regression(s, jnp.asarray(sy), ways, c=3.0)  # default tolerance
         return q @ w.T + b, w, b
 
     logits, w, b = fit_predict(jnp.asarray(sf), jnp.asarray(qf))
@@ -41,6 +43,63 @@ def test_matches_sklearn_on_100_episodes():
     # the same optimum, not only the same accuracy (sklearn's multinomial coefficients are
     # identified up to a shift shared by all classes, which the L2 penalty pins to zero)
     assert max_coef_err < 1e-2
+
+
+def test_tolerance_stop_is_the_converged_fit_in_fewer_steps():
+    """Stopping at the gradient tolerance gives the fit that a fixed 600 steps converge to, in
+    fewer steps, and the cap binds: with 10 steps allowed it is the 10-step iterate."""
+    ways, shots, dim = 5, 1, 64
+    sf, sy, _, _ = _episodes(50, ways, shots, 15, dim, seed=1)
+    y, sf = jnp.asarray(sy), jnp.asarray(sf)
+    fit = lambda steps, tol: jax.jit(
+        jax.vmap(lambda s: logistic_regression(s, y, ways, 3.0, steps, tol))
+    )(sf)
+    w_fixed, b_fixed = (np.asarray(x) for x in fit(600, 0.0))
+    w_tol, b_tol = (np.asarray(x) for x in fit(600, 1e-5))
+    np.testing.assert_allclose(w_tol, w_fixed, atol=2e-4)
+    np.testing.assert_allclose(b_tol, b_fixed, atol=2e-4)
+    dual = jax.vmap(lambda s: logistic_regression_dual(s @ s.T, y, ways, 3.0, 600, 1e-5, True))
+    taken = np.asarray(dual(sf)[2])
+    assert 10 < taken.max() < 200, taken
+    w_short = np.asarray(fit(10, 0.0)[0])
+    assert np.abs(w_short - w_fixed).max() > 1e-3
+    np.testing.assert_array_equal(np.asarray(fit(10, 1e-5)[0]), w_short)
+
+
+def test_dual_fit_from_the_gram_matrix_is_the_primal_optimum():
+    """``logistic_regression_dual`` sees only F F^T; W = A^T F is the primal optimum, found here
+    independently by scipy's L-BFGS on the primal objective in float64."""
+    ways, shots, dim = 4, 5, 16
+    sf, sy, _, _ = _episodes(3, ways, shots, 3, dim, seed=2)
+    for e in range(3):
+        f = jnp.asarray(sf[e])
+        a, b = logistic_regression_dual(f @ f.T, jnp.asarray(sy), ways, 3.0, 2000, 1e-7)
+        w_ref, b_ref = _primal_reference(sf[e].astype(np.float64), sy, ways, 3.0)
+        np.testing.assert_allclose(np.asarray(a.T @ f), w_ref, atol=1e-3)
+        # the intercepts are identified up to a shift shared by all classes (unpenalised)
+        b, b_ref = np.asarray(b), b_ref
+        np.testing.assert_allclose(b - b.mean(), b_ref - b_ref.mean(), atol=1e-3)
+
+
+def _primal_reference(f, y, ways, c):
+    """Independent answer: scipy's L-BFGS on the primal objective, float64."""
+    from scipy.optimize import minimize
+
+    n, d = f.shape
+    onehot = np.eye(ways)[y]
+
+    def obj(theta):
+        w, b = theta[: d * ways].reshape(ways, d), theta[d * ways :]
+        z = f @ w.T + b
+        z = z - z.max(1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        p = np.exp(logp)
+        gw = c * (p - onehot).T @ f + w
+        gb = c * (p - onehot).sum(0)
+        return -c * (onehot * logp).sum() + 0.5 * (w * w).sum(), np.concatenate([gw.ravel(), gb])
+
+    res = minimize(obj, np.zeros(d * ways + ways), jac=True, method="L-BFGS-B", tol=1e-12)
+    return res.x[: d * ways].reshape(ways, d), res.x[d * ways :]
 
 
 def test_prototypes_are_class_means():

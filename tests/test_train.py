@@ -153,6 +153,8 @@ def test_fewshot_learner_api_and_evaluate_cli(finished_run, data_dir):
         ("data.name", "omniglott", "did you mean 'omniglot'"),
         ("eval.settings", ("5w1s", "5way"), "'<ways>w<shots>s'"),
         ("model.bn_mode", "both", "model.bn_mode='both'"),
+        ("eval.logreg_tol", -1e-5, "eval.logreg_tol=-1e-05 must be >= 0"),
+        ("eval.logreg_steps", 0, "eval.logreg_steps=0 must be positive"),
     ],
 )
 def test_bad_configs_fail_before_compiling(key, value, message):

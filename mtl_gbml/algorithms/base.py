@@ -31,6 +31,12 @@ class Algorithm:
         embed the split once (inductive BatchNorm) and use
     embed(params, state, x) -> features, and
     predict_from_features(params, support_f, support_y, query_f, ways) -> query logits (one episode).
+    Optional, for heads that see features only through inner products after a row-wise map:
+    feature_transform(f [..., D]) -> f' [..., D'], the map (the evaluator applies it to the cached
+        split once), and
+    predict_from_gram(params, support_gram [n, n], query_support_gram [q, n], support_y, ways) ->
+        query logits (one episode), from the transformed features' inner products; it must equal
+        ``predict_from_features`` on the raw features.
     """
 
     name: str
@@ -40,6 +46,8 @@ class Algorithm:
     frozen_backbone: bool
     embed: Callable[..., jax.Array] | None = None
     predict_from_features: Callable[..., jax.Array] | None = None
+    feature_transform: Callable[[jax.Array], jax.Array] | None = None
+    predict_from_gram: Callable[..., jax.Array] | None = None
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -7,7 +7,9 @@ official code); the backbone sees all tasks' images as one batch, and the per-ta
 written for one task and vmapped. Training is first order and joint: plain ``jax.grad``.
 
 Test time (official recipe): freeze the backbone, L2-normalise features, fit a new head by
-L2-regularised multinomial logistic regression (scikit-learn's ``C``) to convergence.
+L2-regularised multinomial logistic regression (scikit-learn's ``C``) to convergence. The fit sees
+the normalised features only through inner products, so the cached-feature evaluator normalises
+the embedded split once and hands the head Gram matrices (``predict_from_gram``).
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ def task_logits(
 def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes: int) -> Algorithm:
     a = config.algo
     bn_mode = config.model.bn_mode
-    logreg_c, logreg_steps = config.eval.logreg_c, config.eval.logreg_steps
+    logreg = dict(
+        c=config.eval.logreg_c, steps=config.eval.logreg_steps, tol=config.eval.logreg_tol
+    )
 
     def init(rng, example_tasks):
         k_body, k_head = jax.random.split(rng)
@@ -97,9 +101,13 @@ def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes:
     def embed(params, state, x):
         return models.forward(model, params["backbone"], state, x, train=False)[0]
 
+    def predict_from_gram(params, support_gram, query_support_gram, support_y, ways):
+        a, b = linear_heads.logistic_regression_dual(support_gram, support_y, ways, **logreg)
+        return query_support_gram @ a + b
+
     def predict_from_features(params, support_f, support_y, query_f, ways):
         support_f, query_f = l2_normalize(support_f), l2_normalize(query_f)
-        w, b = linear_heads.logistic_regression(support_f, support_y, ways, logreg_c, logreg_steps)
+        w, b = linear_heads.logistic_regression(support_f, support_y, ways, **logreg)
         return query_f @ w.T + b
 
     def adapt_and_predict(params, state, support_x, support_y, query_x, ways, rng=None):
@@ -116,6 +124,8 @@ def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes:
         frozen_backbone=True,
         embed=embed,
         predict_from_features=predict_from_features,
+        feature_transform=l2_normalize,
+        predict_from_gram=predict_from_gram,
     )
 
 
