@@ -1,6 +1,7 @@
 """End to end through the CLI pieces: run contract, one compilation, exact resume, API, errors."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -16,11 +17,29 @@ from mtl_gbml.config_validation import ConfigError, validate
 CONFIG = "configs/omniglot/mtl.py"
 
 
+class _StepCompiles(logging.Handler):
+    """Counts XLA compilations of the train step (``jax.log_compiles`` messages)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record):
+        self.count += record.getMessage().startswith("Compiling step ")
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, data_dir):
     workdir = str(tmp_path_factory.mktemp("run"))
     config = load_config(CONFIG, "runlocal")
-    results = train.train_and_evaluate(config, workdir)
+    counter, log = _StepCompiles(), logging.getLogger("jax")
+    log.addHandler(counter)
+    try:
+        with jax.log_compiles(True):
+            results = train.train_and_evaluate(config, workdir)
+    finally:
+        log.removeHandler(counter)
+    results["_step_compiles"] = counter.count
     return workdir, results
 
 
@@ -76,6 +95,12 @@ def test_resume_with_a_different_config_is_refused(finished_run):
     config.optimizer.lr = 0.5
     with pytest.raises(ConfigError, match="optimizer.lr"):
         train.train_and_evaluate(config, workdir)
+
+
+def test_a_run_compiles_its_train_step_once(finished_run):
+    """4 steps with a log and a validation after step 2, which replace bookkeeping scalars of the
+    state: the step must not recompile for them (it did, twice, when they were uncommitted)."""
+    assert finished_run[1]["_step_compiles"] == 1
 
 
 def test_train_step_compiles_once(data_dir):
