@@ -10,6 +10,7 @@ Two paths, chosen per algorithm and BatchNorm mode (never mixed silently):
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -45,24 +46,27 @@ def summarize(per_episode: np.ndarray) -> dict[str, float]:
     return {"accuracy": float(acc.mean()), "ci95": float(ci), "episodes": int(len(acc))}
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _embed_classes(embed_fn, params, state, pool: ImagePool, table_rows, rots):
+    imgs = pool.images[table_rows]  # [c, M, H, W, C]
+    imgs = jax.vmap(rotate_quarters)(imgs, rots)
+    c, m = table_rows.shape
+    f = embed_fn(params, state, to_float(imgs.reshape((c * m,) + imgs.shape[2:])))
+    return f.reshape(c, m, -1)
+
+
 def embed_pool(embed_fn, params: Any, state: Any, pool: ImagePool, chunk: int = 64) -> jax.Array:
-    """Features [num_classes, max_per_class, D] of every (class, image) of the pool."""
+    """Features [num_classes, max_per_class, D] of every (class, image) of the pool.
 
-    @jax.jit
-    def embed_classes(table_rows, rots):
-        imgs = pool.images[table_rows]  # [c, M, H, W, C]
-        imgs = jax.vmap(rotate_quarters)(imgs, rots)
-        c, m = table_rows.shape
-        f = embed_fn(params, state, to_float(imgs.reshape((c * m,) + imgs.shape[2:])))
-        return f.reshape(c, m, -1)
-
+    The program takes the parameters and the pool as arguments (``embed_fn`` is static): one
+    compilation per run, not one per validation."""
     n = pool.num_classes
     table, rots = np.asarray(pool.class_table), np.asarray(pool.class_rot)
     pad = (-n) % chunk
     table = np.concatenate([table, np.repeat(table[:1], pad, 0)])
     rots = np.concatenate([rots, np.repeat(rots[:1], pad, 0)])
     out = [
-        embed_classes(table[i : i + chunk], rots[i : i + chunk])
+        _embed_classes(embed_fn, params, state, pool, table[i : i + chunk], rots[i : i + chunk])
         for i in range(0, len(table), chunk)
     ]
     return jnp.concatenate(out)[:n]
@@ -147,56 +151,55 @@ def cached_episode_accuracy(
     episodes), so the fit's iterations run over many episodes at once.
     Other heads: each chunk gathers the episode features and calls ``predict_from_features``.
     Per episode the same computation whatever the chunk, equal up to float32 rounding (XLA
-    vectorises for the batch size it sees, as it does for a smaller last batch)."""
-    sy = jnp.repeat(jnp.arange(ways), shots)
-    qy = jnp.repeat(jnp.arange(ways), queries)
+    vectorises for the batch size it sees, as it does for a smaller last batch).
+
+    One compiled program per (algorithm, setting, shapes): parameters and features are its
+    arguments, so validating every few steps does not recompile."""
     if chunk is None:
         chunk = episode_chunk(feats.shape[-1], ways, shots, queries)
+    gram = uses_gram(algorithm, feats.shape[-1], ways, shots)
+    if gram and algorithm.feature_transform is not None:
+        feats = algorithm.feature_transform(feats)
+    return functools.partial(
+        _cached_batch, algorithm, ways, shots, queries, chunk, gram, params, feats, class_counts
+    )
 
-    if uses_gram(algorithm, feats.shape[-1], ways, shots):
-        table = feats if algorithm.feature_transform is None else algorithm.feature_transform(feats)
-        grams = lambda rng: episode_grams(rng, table, class_counts, ways, shots, queries)
 
-        def fit_predict(support_gram, query_support_gram):
-            logits = algorithm.predict_from_gram(params, support_gram, query_support_gram, sy, ways)
-            return (logits.argmax(-1) == qy).mean()
-
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _cached_batch(algorithm, ways, shots, queries, chunk, gram, params, feats, class_counts, keys):
+    sy = jnp.repeat(jnp.arange(ways), shots)
+    qy = jnp.repeat(jnp.arange(ways), queries)
+    if gram:
         n = ways * shots
         fit_chunk = max(1, FIT_CHUNK_BYTES // ((n + ways * queries) * n * 4))
+        grams = lambda rng: episode_grams(rng, feats, class_counts, ways, shots, queries)
 
-        def batch(keys):
-            support_gram, query_support_gram = jax.lax.map(grams, keys, batch_size=chunk)
-            return jax.lax.map(
-                lambda g: fit_predict(*g), (support_gram, query_support_gram), batch_size=fit_chunk
-            )
+        def fit_predict(g):
+            logits = algorithm.predict_from_gram(params, g[0], g[1], sy, ways)
+            return (logits.argmax(-1) == qy).mean()
 
-        return jax.jit(batch)
+        g = jax.lax.map(grams, keys, batch_size=chunk)
+        return jax.lax.map(fit_predict, g, batch_size=fit_chunk)
 
     def one(rng):
         sf, qf = episode_features(rng, feats, class_counts, ways, shots, queries)
         logits = algorithm.predict_from_features(params, sf, sy, qf, ways)
         return (logits.argmax(-1) == qy).mean()
 
-    return jax.jit(lambda keys: jax.lax.map(one, keys, batch_size=chunk))
+    return jax.lax.map(one, keys, batch_size=chunk)
 
 
-def _episode_accuracy(algorithm, params, state, pool, ways, shots, queries):
-    def batch(rng, size):
-        k_tasks, k_adapt = jax.random.split(rng)
-        tasks = sample_tasks(pool, k_tasks, ways, shots, queries, size)
-        adapt_keys = jax.random.split(k_adapt, size)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _adapted_batch(algorithm, ways, shots, queries, size, params, state, pool, rng):
+    k_tasks, k_adapt = jax.random.split(rng)
+    tasks = sample_tasks(pool, k_tasks, ways, shots, queries, size)
+    adapt_keys = jax.random.split(k_adapt, size)
 
-        def one(sx, sy, qx, qy, k):
-            logits = algorithm.adapt_and_predict(
-                params, state, to_float(sx), sy, to_float(qx), ways, k
-            )
-            return (logits.argmax(-1) == qy).mean()
+    def one(sx, sy, qx, qy, k):
+        logits = algorithm.adapt_and_predict(params, state, to_float(sx), sy, to_float(qx), ways, k)
+        return (logits.argmax(-1) == qy).mean()
 
-        return jax.vmap(one)(
-            tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y, adapt_keys
-        )
-
-    return jax.jit(batch, static_argnums=1)
+    return jax.vmap(one)(tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y, adapt_keys)
 
 
 def evaluate(
@@ -232,8 +235,6 @@ def evaluate(
             fn = cached_episode_accuracy(
                 algorithm, params, feats, pool.class_counts, ways, shots, queries
             )
-        else:
-            fn = _episode_accuracy(algorithm, params, state, pool, ways, shots, queries)
         it = enumerate(sizes)
         if progress:
             from tqdm import tqdm
@@ -244,6 +245,7 @@ def evaluate(
             if cached:
                 accs.append(np.asarray(fn(jax.random.split(k, size))))
             else:
-                accs.append(np.asarray(fn(k, size)))
+                acc = _adapted_batch(algorithm, ways, shots, queries, size, params, state, pool, k)
+                accs.append(np.asarray(acc))
         out[setting_key(ways, shots)] = summarize(np.concatenate(accs))
     return out

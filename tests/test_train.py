@@ -1,8 +1,10 @@
 """End to end through the CLI pieces: run contract, one compilation, exact resume, API, errors."""
 
+import collections
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -17,29 +19,31 @@ from mtl_gbml.config_validation import ConfigError, validate
 CONFIG = "configs/omniglot/mtl.py"
 
 
-class _StepCompiles(logging.Handler):
-    """Counts XLA compilations of the train step (``jax.log_compiles`` messages)."""
+class _Compiles(logging.Handler):
+    """Counts XLA compilations per jitted function name (``jax.log_compiles`` messages)."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
-        self.count = 0
+        self.counts = collections.Counter()
 
     def emit(self, record):
-        self.count += record.getMessage().startswith("Compiling step ")
+        m = re.match(r"Compiling (\w+) ", record.getMessage())
+        if m:
+            self.counts[m.group(1)] += 1
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, data_dir):
     workdir = str(tmp_path_factory.mktemp("run"))
     config = load_config(CONFIG, "runlocal")
-    counter, log = _StepCompiles(), logging.getLogger("jax")
+    counter, log = _Compiles(), logging.getLogger("jax")
     log.addHandler(counter)
     try:
         with jax.log_compiles(True):
             results = train.train_and_evaluate(config, workdir)
     finally:
         log.removeHandler(counter)
-    results["_step_compiles"] = counter.count
+    results["_compiles"] = counter.counts
     return workdir, results
 
 
@@ -97,10 +101,15 @@ def test_resume_with_a_different_config_is_refused(finished_run):
         train.train_and_evaluate(config, workdir)
 
 
-def test_a_run_compiles_its_train_step_once(finished_run):
-    """4 steps with a log and a validation after step 2, which replace bookkeeping scalars of the
-    state: the step must not recompile for them (it did, twice, when they were uncommitted)."""
-    assert finished_run[1]["_step_compiles"] == 1
+def test_a_run_compiles_each_program_once(finished_run):
+    """4 steps with a log and a validation after steps 2 and 4, which replace bookkeeping scalars
+    of the state: the step must not recompile for them (it did when they were uncommitted), nor
+    the evaluator for new parameters (it did, when they were constants of a program built per
+    validation). Embedding: the val and the test split; episodes: val 5w1s, test 5w1s and 20w1s."""
+    compiles = finished_run[1]["_compiles"]
+    assert compiles["step"] == 1
+    assert compiles["_embed_classes"] == 2
+    assert compiles["_cached_batch"] == 3
 
 
 def test_train_step_compiles_once(data_dir):
