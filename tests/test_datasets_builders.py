@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from mtl_gbml.data import datasets, fake, prepare
 from mtl_gbml.data.errors import DataError
@@ -243,3 +244,45 @@ def test_cifar_errors(tmp_path):
     (raw / "cifar-100-python.tar.gz").write_bytes(b"not a tarball")
     msg = _prepare_error("cifar_fs", raw, tmp_path)
     assert "cifar-100-python.tar.gz" in msg and "tar.gz" in msg
+
+
+def _blocked_on_a_lock(pid: int) -> bool:
+    """Whether process ``pid`` waits for a file lock (a ``->`` line of /proc/locks)."""
+    return any(
+        line.split()[1] == "->" and line.split()[5] == str(pid)
+        for line in open("/proc/locks")
+        if len(line.split()) > 5
+    )
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs Linux /proc/locks")
+def test_a_second_preparer_waits_for_the_first_then_finds_the_dataset_built(tmp_path):
+    """Two runs on a fresh machine both want CIFAR-FS in the same TFDS dir (two pytest workers,
+    ``time_to_accuracy.py --parallel 2``): while one holds the preparation lock (here the test),
+    the other's ``prepare`` waits on it, and once it gets the lock it finds the dataset that the
+    first built meanwhile instead of building it again beside it."""
+    import subprocess
+    import sys
+    import time
+
+    raw, tfds_dir = tmp_path / "raw", tmp_path / "tfds"
+    fake.write_cifar100(raw, per_class_train=3, per_class_test=1)
+    cmd = [sys.executable, "-m", "mtl_gbml.data.prepare", "--dataset", "cifar_fs"]
+    cmd += ["--manual_dir", str(raw), "--data_dir", str(tfds_dir)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with datasets._prepare_lock(str(tfds_dir)):
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        deadline = time.time() + 120
+        while not _blocked_on_a_lock(proc.pid):
+            assert proc.poll() is None, proc.communicate()[0]  # it finished without waiting
+            assert time.time() < deadline, "the second preparer never waited for the lock"
+            time.sleep(0.05)
+        builder = datasets._builder("cifar_fs", "standard", str(tfds_dir))
+        datasets._build(builder, "cifar_fs", str(raw))  # the first run builds it
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+    assert "cifar_fs (standard) already prepared" in out, out
+    arrays = {s: datasets.load_arrays(_cfg("cifar_fs", tfds_dir), s) for s in SPLITS}
+    _check_split_arrays(arrays, 32, 4, {"train": 64, "val": 16, "test": 20})

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import hashlib
 import os
+import tempfile
 
 import ml_collections
 import numpy as np
@@ -68,47 +72,61 @@ def _builder(name: str, protocol: str, tfds_dir: str):
     return OmniglotFewShot(config=protocol, data_dir=tfds_dir or None)
 
 
+@contextlib.contextmanager
+def _prepare_lock(tfds_dir: str):
+    """An exclusive lock per TFDS data directory, across processes of this machine: two runs (two
+    pytest workers, ``time_to_accuracy.py --parallel 2`` on a fresh machine) must not both build
+    the same dataset, whose TFDS temporary directories and final rename would collide."""
+    root = os.path.abspath(
+        tfds_dir
+        or os.environ.get("TFDS_DATA_DIR")
+        or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    )
+    digest = hashlib.sha256(root.encode()).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"mtl_gbml_prepare_{digest}.lock")
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, a crash included
+        yield
+
+
 def prepare(data_config: ml_collections.ConfigDict) -> None:
     """Build the TFDS dataset once (no-op when it is already prepared)."""
-    import tensorflow_datasets as tfds
-
-    from mtl_gbml.data.omniglot import check_archives
-
-    builder = _builder(data_config.name, data_config.protocol, data_config.tfds_dir)
-    if builder.is_prepared():
-        return
     manual = os.path.join(raw_data_dir(data_config), data_config.name)
-    if data_config.name in BUILDERS:
-        prepare_from(data_config.name, manual, data_config.tfds_dir, data_config.protocol)
-        return
-    check_archives(manual)  # clear errors before TFDS starts
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    prepare_from(data_config.name, manual, data_config.tfds_dir, data_config.protocol)
 
 
 def prepare_from(name: str, manual_dir: str, tfds_dir: str = "", protocol: str = "") -> bool:
     """Prepare dataset ``name`` from the raw files in ``manual_dir`` into ``tfds_dir`` ('' = TFDS's
     default). Returns False when it was already prepared. Missing or malformed files raise a
     :class:`DataError` naming the file before TFDS starts."""
-    import tensorflow_datasets as tfds
 
     if name not in DATASETS:
         raise ValueError(f"dataset {name!r} is unknown; choose one of {DATASETS}")
     protocol = protocol or PROTOCOLS[name][0]
-    builder = _builder(name, protocol, tfds_dir)
-    if builder.is_prepared():
+    if _builder(name, protocol, tfds_dir).is_prepared():
         return False
-    if not os.path.isdir(manual_dir):
-        raise DataError(f"manual directory {manual_dir} does not exist (the raw {name} files)")
+    with _prepare_lock(tfds_dir):
+        builder = _builder(name, protocol, tfds_dir)  # another process may have built it meanwhile
+        if builder.is_prepared():
+            return False
+        _build(builder, name, manual_dir)
+    return True
+
+
+def _build(builder, name: str, manual_dir: str) -> None:
+    import tensorflow_datasets as tfds
+
     if name in BUILDERS:
+        if not os.path.isdir(manual_dir):
+            raise DataError(f"manual directory {manual_dir} does not exist (the raw {name} files)")
         _module(name).check_files(manual_dir)
-    else:
+    else:  # names the missing archive and where to get it
         from mtl_gbml.data.omniglot import check_archives
 
         check_archives(manual_dir)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
     )
-    return True
 
 
 def _read_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
