@@ -40,7 +40,14 @@ setup(
     extras_require={
         "cuda12": ["jax[cuda12]==0.5.3"],
         "tpu": ["jax[tpu]==0.5.3"],
-        "test": ["pytest>=8", "ruff==0.17.6", "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "ruff==0.17.6",
+            "nbformat>=5.9",
+            "nbclient>=0.10",
+            "ipykernel>=6.29",
+        ],
     },
     entry_points={
         "console_scripts": [

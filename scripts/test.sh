@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Lint, format check and the test suite.
+# Lint, format check and the test suite, on $MTL_GBML_TEST_WORKERS pytest-xdist workers (default 2:
+# the suite is compile-bound, one process kept ~1.5 of 2 cores busy; 2 workers: 10.8 against
+# 14.0 min). Test modules stay whole on one worker (--dist loadfile): their fixtures run once.
 source "$(dirname "$0")/env.sh"
 ruff check .
 ruff format --check .
-python -m pytest -q -x --durations=15 "$@"
+python -m pytest -q -x -n "${MTL_GBML_TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"
