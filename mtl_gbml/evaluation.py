@@ -92,7 +92,8 @@ def episode_grams(
     When a class holds few more images than an episode draws from it (M <= 2 (K+Q): Omniglot's 20
     against 16), the N class blocks [N, M, D] are gathered whole and all their rows multiplied by
     the support features; the products are then picked. Contiguous blocks gather faster on CPU
-    than scattered rows (0.08 against 0.11 ms per 5w1s episode, eval_throughput.md); with many
+    than scattered rows (0.08 against 0.11 ms per 5w1s episode in a scratch probe on the
+    features of eval_throughput.md, chunks of 22 episodes); with many
     images per class (mini-ImageNet's 600) only the drawn rows are gathered.
     """
     m = feats.shape[1]
@@ -109,7 +110,8 @@ def episode_grams(
 
 CHUNK_BYTES = 4 << 20  # gathered features per vmapped chunk: about one core's L2 cache
 # Gram matrices per vmapped chunk of the fit: its iterations stream them at every step; 256 KiB
-# was the best of 0.25/1/4/64 MiB on 5w5s-20w5s (20w5s 5.0 against 6.3-7.7 ms an episode)
+# was the best of 0.25/1/4/64 MiB on 5w5s-20w5s in a scratch probe on the same features
+# (20w5s 5.0 against 6.3-7.7 ms an episode; noisy, 5w1s within noise of all four)
 FIT_CHUNK_BYTES = 256 << 10
 
 
