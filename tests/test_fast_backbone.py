@@ -69,3 +69,54 @@ def test_unknown_implementation_is_named():
         models.init(_model(True, block="nope"), jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError, match="model.conv_impl"):
         models.init(_model(True, conv_impl="nope"), jax.random.PRNGKey(0), x)
+
+
+def test_chunked_first_block_is_exact_to_second_order():
+    """MAML differentiates through the inner gradient and iMAML takes Hessian-vector products: the
+    chunked first block's custom VJP must give the reference block's Hessian-vector product."""
+    ref, params, state, x = _setup(True)
+    fast = _model(True, conv_impl="xla", block="fused", chunk_first=4)
+    v = jax.tree.map(
+        lambda p: jnp.cos(jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape)), params
+    )
+
+    def hvp(model, forward_over_reverse):
+        grad = jax.grad(lambda p: _loss(model, p, state, x)[0])
+        if forward_over_reverse:  # the reference, by JAX's own rules
+            return jax.jvp(grad, (params,), (v,))[1]
+        return jax.vjp(grad, params)[1](v)[0]
+
+    h_ref = hvp(ref, True)
+    h_new = hvp(fast, False)
+    scale = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(h_ref))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4 * scale), h_new, h_ref
+    )
+    # the first block's kernel gets second-order terms (else the test would not test the block)
+    k = h_ref["Conv3x3_0"]["Conv_0"]["kernel"]
+    assert float(jnp.abs(k).max()) > 1e-3 * scale
+
+
+def test_chunked_first_block_input_gradient():
+    """The custom VJP's input cotangent (unused in training, where inputs are data) is exact."""
+    from mtl_gbml.models.conv4 import first_conv_pool, max_pool_2x2
+
+    x = jax.random.normal(jax.random.PRNGKey(3), (5, 6, 8, 1))
+    k = jax.random.normal(jax.random.PRNGKey(4), (3, 3, 1, 4))
+    b = jnp.arange(4.0) / 10
+    s = jnp.array([1.0, -1.0, 1.0, -1.0])
+
+    def ref(x, k, b):
+        y = jax.lax.conv_general_dilated(
+            x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return max_pool_2x2((y + b) * s) * s
+
+    g = jax.random.normal(jax.random.PRNGKey(5), (5, 3, 4, 4))
+    for chunk in (2, 5):
+        new = lambda x, k, b, chunk=chunk: first_conv_pool(x, k, b, s, chunk)
+        np.testing.assert_allclose(new(x, k, b), ref(x, k, b), rtol=1e-6, atol=1e-6)
+        d_ref = jax.vjp(ref, x, k, b)[1](g)
+        d_new = jax.vjp(new, x, k, b)[1](g)
+        for a, r in zip(d_new, d_ref, strict=True):
+            np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)

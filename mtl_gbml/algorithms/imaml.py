@@ -72,12 +72,15 @@ def conjugate_gradient(matvec, b, steps: int):
 
 
 def implicit_direction(support_loss, query_grad, phi, lam: float, cg_steps: int):
-    """``(I + H/lam)^{-1} query_grad`` with H the Hessian of ``support_loss`` at ``phi`` (CG)."""
-    grad_fn = jax.grad(support_loss)
+    """``(I + H/lam)^{-1} query_grad`` with H the Hessian of ``support_loss`` at ``phi`` (CG).
+
+    ``H v`` is the VJP of the gradient (H is symmetric), linearised once for all CG steps:
+    reverse over reverse, so it works through reverse-mode-only layers (``jax.custom_vjp``, e.g.
+    Conv4's chunked first block), and no step recomputes the forward pass."""
+    _, hvp = jax.vjp(jax.grad(support_loss), phi)
 
     def matvec(v):
-        hv = jax.jvp(grad_fn, (phi,), (v,))[1]
-        return wn.tree_add(v, hv, 1.0 / lam)
+        return wn.tree_add(v, hvp(v)[0], 1.0 / lam)
 
     return conjugate_gradient(matvec, query_grad, cg_steps)
 

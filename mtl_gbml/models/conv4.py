@@ -19,6 +19,8 @@ Implementation options (all compute the same function; ``tests/test_fast_backbon
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -129,36 +131,135 @@ class FusedBatchNormReluPool(nn.Module):
         return nn.relu(y.astype(self.dtype))
 
 
+def _pool_patches(x: jax.Array) -> jax.Array:
+    """[n, H, W, 1] -> [n, H/2, W/2, 4, 9]: the 3x3 'SAME' patch of every pixel, grouped by the
+    2x2 pooling window it falls in (window position a = 2 * row + col, tap k = 3 * dy + dx)."""
+    n, h, w = x.shape[:3]
+    xp = jnp.pad(x[..., 0], ((0, 0), (1, 1), (1, 1)))
+    taps = jnp.stack([xp[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], -1)
+    taps = taps.reshape(n, h // 2, 2, w // 2, 2, 9).transpose(0, 1, 3, 2, 4, 5)
+    return taps.reshape(n, h // 2, w // 2, 4, 9)
+
+
+def _split(a: jax.Array, chunk: int) -> tuple[jax.Array | None, jax.Array | None]:
+    """``a`` as [n // chunk, chunk, ...] chunks and the remainder (None where empty)."""
+    main = (a.shape[0] // chunk) * chunk
+    body = a[:main].reshape((main // chunk, chunk) + a.shape[1:]) if main else None
+    return body, (a[main:] if main < a.shape[0] else None)
+
+
+def _chunked(fn, arrays: tuple, chunk: int):
+    """``fn`` over ``chunk`` images at a time (``lax.map``), outputs concatenated."""
+    parts = [_split(a, chunk) for a in arrays]
+    outs = []
+    if parts[0][0] is not None:
+        o = jax.lax.map(lambda xs: fn(*xs), tuple(p[0] for p in parts))
+        outs.append(jax.tree.map(lambda t: t.reshape((-1,) + t.shape[2:]), o))
+    if parts[0][1] is not None:
+        outs.append(fn(*(p[1] for p in parts)))
+    if len(outs) == 1:
+        return outs[0]
+    return jax.tree.map(lambda *t: jnp.concatenate(t), *outs)
+
+
+def _first_pool_fwd_chunk(x, kernel, bias, s):
+    y = (_pool_patches(x) @ kernel.reshape(9, -1) + bias) * s  # [n, H/2, W/2, 4, C]
+    m = y.max(-2)
+    # window position of the max (the first on ties): the backward pass routes gradients there
+    idx = jnp.where(y[..., 0, :] == m, 0, jnp.where(y[..., 1, :] == m, 1, 2))
+    idx = jnp.where((idx == 2) & (y[..., 2, :] != m), 3, idx).astype(jnp.int8)
+    return m * s, idx
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def first_conv_pool(x, kernel, bias, s, chunk: int):
+    """``max_pool_2x2((conv3x3(x) + bias) * s) * s`` for a one-channel ``x`` [n, H, W, 1]
+    (``s``: per-channel +-1), over ``chunk`` images at a time: the full-resolution map of a chunk
+    lives in cache and is never stored. The backward pass (a custom VJP) keeps only the int8
+    window position of each max and recomputes the chunk's patches: it costs about one forward,
+    where differentiating the pool's reshape + max costs several passes over the full map.
+
+    Reverse mode only (``jax.custom_vjp``): differentiate it with ``grad``/``vjp``, to any order,
+    not with ``jvp``."""
+    return _first_pool(x, kernel, bias, s, chunk)[0]
+
+
+def _first_pool(x, kernel, bias, s, chunk):
+    return _chunked(lambda xc: _first_pool_fwd_chunk(xc, kernel, bias, s), (x,), chunk)
+
+
+def _first_conv_pool_fwd(x, kernel, bias, s, chunk):
+    pooled, idx = _first_pool(x, kernel, bias, s, chunk)
+    return pooled, (x, kernel, s, idx)
+
+
+def _first_conv_pool_bwd(chunk, res, g):
+    x, kernel, s, idx = res
+    positions = jnp.arange(4, dtype=jnp.int8)[:, None]
+
+    def full_grad(ic, gc):  # [n, H/2, W/2, 4, C]: the cotangent of every window position
+        return jnp.where(ic[..., None, :] == positions, gc[..., None, :], 0.0).astype(gc.dtype)
+
+    def kernel_grad(xc, ic, gc):
+        dy = full_grad(ic, gc)
+        dims = (((0, 1, 2, 3), (0, 1, 2, 3)), ((), ()))
+        return jax.lax.dot_general(
+            _pool_patches(xc), dy, dims, preferred_element_type=jnp.float32
+        ).astype(jnp.float32)
+
+    parts = [_split(a, chunk) for a in (x, idx, g)]
+    dk = jnp.zeros((9, kernel.shape[-1]), jnp.float32)
+    if parts[0][0] is not None:
+        dk, _ = jax.lax.scan(
+            lambda acc, xs: (acc + kernel_grad(*xs), None), dk, tuple(p[0] for p in parts)
+        )
+    if parts[0][1] is not None:
+        dk = dk + kernel_grad(*(p[1] for p in parts))
+
+    def input_grad(ic, gc):  # unused (and removed by XLA) unless the caller differentiates x
+        n, h2, w2, c = gc.shape
+        dy = full_grad(ic, gc).reshape(n, h2, w2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+        dy = dy.reshape(n, 2 * h2, 2 * w2, c)
+        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+        return jax.lax.conv_general_dilated(
+            dy, flipped, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    dx = _chunked(input_grad, (idx, g), chunk)
+    db = g.astype(jnp.float32).sum((0, 1, 2)).astype(g.dtype)
+    return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype), db, jnp.zeros_like(s)
+
+
+first_conv_pool.defvjp(_first_conv_pool_fwd, _first_conv_pool_bwd)
+
+
+def patch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean [9] and covariance [9, 9] over all pixels of the 3x3 'SAME' patches of a one-channel
+    ``x``: a 3x3 convolution's per-channel output mean and variance are then ``mu @ k + b`` and
+    ``k^T Sigma k``, without computing the output."""
+    taps = _pool_patches(x).reshape(-1, 9).astype(jnp.float32)
+    mu = taps.mean(0)
+    centred = taps - mu
+    return mu, centred.T @ centred / taps.shape[0]
+
+
 def chunked_first_block(x, kernel, bias, s, chunk: int, dtype=jnp.float32):
-    """(max_pool_2x2(conv(x) * s) * s, mean, var) of a 3x3 convolution over ``chunk`` images at a
-    time (im2col matmul): the full-resolution map of a chunk stays in cache and is never stored;
-    the backward pass recomputes it per chunk (``jax.checkpoint``)."""
-    n = x.shape[0]
-
-    def pool_sums(xc):
-        y = im2col_conv(xc, kernel, bias, dtype).astype(jnp.float32)
-        sums = jnp.stack([y.sum((0, 1, 2)), (y * y).sum((0, 1, 2))])
-        return max_pool_2x2(y * s) * s, sums
-
-    pool_sums = jax.checkpoint(pool_sums, prevent_cse=False)
-    main = (n // chunk) * chunk
-    pooled, total = [], jnp.zeros((2, kernel.shape[-1]), jnp.float32)
-    if main:
-        xs = x[:main].reshape((main // chunk, chunk) + x.shape[1:])
-
-        def body(acc, xc):
-            p, sums = pool_sums(xc)
-            return acc + sums, p
-
-        total, p = jax.lax.scan(body, total, xs)
-        pooled.append(p.reshape((main,) + p.shape[2:]))
-    if main < n:
-        p, sums = pool_sums(x[main:])
-        total, pooled = total + sums, pooled + [p]
-    pooled = jnp.concatenate(pooled) if len(pooled) > 1 else pooled[0]
-    mean = total[0] / (n * x.shape[1] * x.shape[2])
-    var = jnp.maximum(0.0, total[1] / (n * x.shape[1] * x.shape[2]) - mean * mean)
-    return pooled.astype(dtype), mean, var
+    """(max_pool_2x2(conv(x) * s) * s, mean, var) of the first 3x3 convolution (one input
+    channel): the pooled map by ``first_conv_pool`` (``chunk`` images at a time, never storing the
+    full-resolution map), the BatchNorm batch statistics of the full map in closed form from the
+    input's patch moments (``patch_moments``). Same function as conv -> statistics -> pool."""
+    if x.shape[-1] != 1 or x.shape[1] % 2 or x.shape[2] % 2:
+        raise ValueError(
+            f"model.chunk_first needs a one-channel input with even height and width, got "
+            f"{x.shape[1:]}; set model.chunk_first=0"
+        )
+    kernel, bias = kernel.astype(dtype), bias.astype(dtype)
+    pooled = first_conv_pool(x.astype(dtype), kernel, bias, s.astype(dtype), chunk)
+    mu, sigma = patch_moments(x)
+    k = kernel.reshape(9, -1).astype(jnp.float32)
+    mean = mu @ k + bias.astype(jnp.float32)
+    var = jnp.maximum(0.0, jnp.einsum("kc,kl,lc->c", k, sigma, k))
+    return pooled, mean, var
 
 
 class Conv4(nn.Module):
@@ -167,7 +268,9 @@ class Conv4(nn.Module):
     dtype: jnp.dtype = jnp.float32
     conv_impl: str = "xla"
     block: str = "reference"
-    chunk_first: int = 0  # block='fused': first block over this many images at a time (0: off)
+    # block='fused', one-channel even-sized input (Omniglot): the first block by
+    # ``chunked_first_block``, this many images at a time (0: off)
+    chunk_first: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, use_batch_stats: bool) -> jax.Array:
@@ -181,7 +284,8 @@ class Conv4(nn.Module):
             if impl == "im2col_first":
                 impl = "im2col" if i == 0 else "xla"
             pool = i < 3 or self.pool_last
-            if i == 0 and self.block == "fused" and self.chunk_first > 0 and pool:
+            one_channel = x.shape[-1] == 1 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0
+            if i == 0 and self.block == "fused" and self.chunk_first > 0 and pool and one_channel:
                 kernel, bias = Conv3x3(self.width, self.dtype, "params", name="Conv3x3_0")(x)
                 x = FusedBatchNormReluPool(
                     use_running_average=not use_batch_stats,
