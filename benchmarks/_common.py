@@ -251,7 +251,10 @@ def time_step(spec: dict) -> dict:
         cpu.append(time.process_time() - c)
     gflop_own = cost_gflop(compiled)
     gflop = gflop_own
-    if config.model.name == "conv4" and config.model.get("chunk_first", 0) > 0:
+    from mtl_gbml.models import resolve_chunk_first
+
+    chunked = resolve_chunk_first(config.model.get("chunk_first", 0)) > 0
+    if config.model.name == "conv4" and chunked:
         # XLA's cost analysis counts a while loop's body once, not once per trip: the chunked
         # first block's FLOPs would be undercounted. Count the same function unchunked.
         plain = copy.deepcopy(config)

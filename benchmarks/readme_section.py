@@ -41,8 +41,9 @@ def main() -> None:
     md = [
         "## Performance",
         "",
-        "All numbers below were measured on this project's 2-core CPU machine (AMD EPYC, AVX-512); "
-        "the machine is shared, so each table quotes medians and ratios measured side by side in "
+        "All numbers below were measured on this project's 2-core CPU machine (on 2026-12-02 "
+        "`lscpu` reports an Intel Xeon, family 6 model 207, with AVX-512 and AMX-BF16; earlier "
+        "sessions' host may have differed); the machine is shared, so each table quotes medians and ratios measured side by side in "
         "one run, and says what else was running. Every table starts with the command that "
         "produced it; the JSON next to each markdown file in `benchmarks/results/` has the raw "
         "numbers.",

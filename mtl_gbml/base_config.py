@@ -39,9 +39,9 @@ def get_config(algorithm: str = "mtl") -> ml_collections.ConfigDict:
     # conv4 only: 'reference' (conv-BN-ReLU-pool) | 'fused' (pool before the BN affine + ReLU;
     # exact, see models/conv4.py and benchmarks/results/fast_backbone.md)
     c.model.block = "fused"  # fastest exact block on CPU: benchmarks/results/fast_backbone.md
-    c.model.chunk_first = (
-        64  # conv4, block="fused", one-channel input: first block by chunks (0: off)
-    )
+    # conv4, block='fused', one-channel input (Omniglot): the first block over this many images at
+    # a time (models/conv4.py); -1: 64 on CPU (4x faster there), 0 (XLA's conv) on GPU/TPU
+    c.model.chunk_first = -1
     c.model.dtype = "float32"
     c.model.bn_mode = "inductive"  # test-time BatchNorm: 'inductive' (running) | 'transductive'
     c.model.resnet_widths = (64, 160, 320, 640)

@@ -52,6 +52,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if c.model.bn_mode not in models.BN_MODES:
         raise ConfigError(f"model.bn_mode={c.model.bn_mode!r}; choose one of {models.BN_MODES}")
+    if c.model.get("chunk_first", 0) < -1:
+        raise ConfigError(
+            f"model.chunk_first={c.model.chunk_first}: use -1 (64 on CPU, off on GPU/TPU), 0 (off) "
+            "or a positive number of images per chunk"
+        )
     if c.data.name not in datasets.DATASETS:
         raise ConfigError(
             f"data.name={c.data.name!r} is unknown{suggest(c.data.name, datasets.DATASETS)}; "

@@ -120,3 +120,13 @@ def test_chunked_first_block_input_gradient():
         d_new = jax.vjp(new, x, k, b)[1](g)
         for a, r in zip(d_new, d_ref, strict=True):
             np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_first_auto_is_64_on_cpu_and_given_values_pass_through():
+    from mtl_gbml.models import CPU_CHUNK_FIRST, resolve_chunk_first
+
+    assert get_config("mtl").model.chunk_first == -1
+    assert resolve_chunk_first(-1) == (CPU_CHUNK_FIRST if jax.default_backend() == "cpu" else 0)
+    assert resolve_chunk_first(0) == 0 and resolve_chunk_first(16) == 16
+    with pytest.raises(ValueError, match="model.chunk_first=-3"):
+        resolve_chunk_first(-3)

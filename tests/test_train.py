@@ -189,6 +189,7 @@ def test_fewshot_learner_api_and_evaluate_cli(finished_run, data_dir):
         ("model.bn_mode", "both", "model.bn_mode='both'"),
         ("eval.logreg_tol", -1e-5, "eval.logreg_tol=-1e-05 must be >= 0"),
         ("eval.logreg_steps", 0, "eval.logreg_steps=0 must be positive"),
+        ("model.chunk_first", -2, "model.chunk_first=-2: use -1"),
     ],
 )
 def test_bad_configs_fail_before_compiling(key, value, message):

@@ -25,7 +25,7 @@ _REGISTRY: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
         dtype=jnp.dtype(c.dtype),
         conv_impl=c.conv_impl,
         block=c.get("block", "reference"),
-        chunk_first=c.get("chunk_first", 0),
+        chunk_first=resolve_chunk_first(c.get("chunk_first", 0)),
     ),
     "resnet12": lambda c: ResNet12(
         widths=tuple(c.resnet_widths),
@@ -35,6 +35,22 @@ _REGISTRY: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
         remat=c.remat,
     ),
 }
+
+
+CPU_CHUNK_FIRST = 64  # benchmarks/results/fast_backbone.md: 16, 64 and 256 within noise on CPU
+
+
+def resolve_chunk_first(chunk_first: int) -> int:
+    """``model.chunk_first``: -1 (the default) is 64 on CPU, where the chunked first block is 4x
+    faster than XLA's convolution (benchmarks/results/fast_backbone.md), and 0 (XLA's convolution)
+    on GPU and TPU, where it has not been measured; n >= 0 is used as given."""
+    if chunk_first < -1:
+        raise ValueError(
+            f"model.chunk_first={chunk_first}: use -1 (auto), 0 (off) or a positive chunk size"
+        )
+    if chunk_first == -1:
+        return CPU_CHUNK_FIRST if jax.default_backend() == "cpu" else 0
+    return chunk_first
 
 
 def names() -> tuple[str, ...]:
