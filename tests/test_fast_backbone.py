@@ -130,3 +130,24 @@ def test_chunk_first_auto_is_64_on_cpu_and_given_values_pass_through():
     assert resolve_chunk_first(0) == 0 and resolve_chunk_first(16) == 16
     with pytest.raises(ValueError, match="model.chunk_first=-3"):
         resolve_chunk_first(-3)
+
+
+def test_chunked_first_block_drops_the_input_gradient_when_unused():
+    """Training differentiates the parameters only: the custom VJP's input cotangent (a full-map
+    transposed convolution) must be removed from the compiled program, not computed and dropped."""
+    from mtl_gbml.models.conv4 import first_conv_pool
+
+    x, k = jnp.ones((8, 28, 28, 1)), jnp.ones((3, 3, 1, 4))
+    b, s = jnp.zeros(4), jnp.ones(4)
+
+    def convolutions(f, *args):
+        return (
+            jax.jit(jax.grad(f, tuple(range(len(args)))))
+            .lower(*args)
+            .compile()
+            .as_text()
+            .count(" convolution(")
+        )
+
+    assert convolutions(lambda k, b: jnp.sum(first_conv_pool(x, k, b, s, 4) ** 2), k, b) == 0
+    assert convolutions(lambda x: jnp.sum(first_conv_pool(x, k, b, s, 4) ** 2), x) == 1
