@@ -15,8 +15,9 @@ Implementation options (all compute the same function; ``tests/test_fast_backbon
   ``max_window relu(a*x + b) = relu(a * max_window(s*x) * s + b)`` with ``s = sign(a)``. It saves
   the full-resolution normalise/ReLU passes and their backward passes (the first block's
   28x28x64 map is the largest tensor of the step). Same parameter and state tree as 'reference'.
-- ``chunk_first`` (block='fused', one-channel input with even height and width, i.e. Omniglot; 64
-  by default): the first block by ``chunked_first_block``. Its conv + pool runs over that many
+- ``chunk_first`` (block='fused', one-channel input with even height and width, i.e. Omniglot;
+  the config's -1 means 64 on CPU and 0, off, on GPU/TPU: ``models.resolve_chunk_first``): the
+  first block by ``chunked_first_block``. Its conv + pool runs over that many
   images at a time, so the full-resolution map (1 GB at 5,120 images) is never stored; a custom
   VJP keeps only the int8 position of each max. Its BatchNorm statistics come in closed form
   from the input's 3x3 patch moments (mean ``mu @ k + b``, variance ``k^T Sigma k``). Exact, to
