@@ -157,17 +157,10 @@ def _split(a: jax.Array, chunk: int) -> tuple[jax.Array | None, jax.Array | None
 
 
 def _chunked(fn, arrays: tuple, chunk: int):
-    """``fn`` over ``chunk`` images at a time (``lax.map``), outputs concatenated."""
-    parts = [_split(a, chunk) for a in arrays]
-    outs = []
-    if parts[0][0] is not None:
-        o = jax.lax.map(lambda xs: fn(*xs), tuple(p[0] for p in parts))
-        outs.append(jax.tree.map(lambda t: t.reshape((-1,) + t.shape[2:]), o))
-    if parts[0][1] is not None:
-        outs.append(fn(*(p[1] for p in parts)))
-    if len(outs) == 1:
-        return outs[0]
-    return jax.tree.map(lambda *t: jnp.concatenate(t), *outs)
+    """``fn`` (written for a batch of images) over ``chunk`` images at a time: ``lax.map`` with
+    ``batch_size``, which also takes the remainder."""
+    one = lambda xs: jax.tree.map(lambda t: t[0], fn(*(a[None] for a in xs)))
+    return jax.lax.map(one, arrays, batch_size=chunk)
 
 
 def _first_pool_fwd_chunk(x, kernel, bias, s):
