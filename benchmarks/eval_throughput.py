@@ -91,12 +91,18 @@ def profile(
 
     grams = lambda k: episode_grams(k, table, counts, ways, shots, q)
 
-    def fit_gram(steps_, tol_):
-        def one(gs, gq):
-            a, b = linear_heads.logistic_regression_dual(gs, sy, ways, c_reg, steps_, tol_)
-            return ((gq @ a + b).argmax(-1) == qy).mean()
+    def fit_gram(steps_, tol_, vmapped=False):
+        """All the batch's episodes handed to the fit at once (episodes innermost, as the
+        evaluator's chunks are), or ``vmapped``: a vmap of the one-episode fit (before)."""
 
-        return jax.jit(jax.vmap(one))
+        def fit(gs, gq):
+            a, b = linear_heads.logistic_regression_dual(gs, sy, ways, c_reg, steps_, tol_)
+            return ((gq @ a + b[..., None, :]).argmax(-1) == qy).mean(-1)
+
+        return jax.jit(jax.vmap(fit) if vmapped else fit)
+
+    def floor(c, p):  # read the episode's drawn rows once, nothing else
+        return feats[c[:, None], p].sum((0, 1))
 
     def features_head(steps_, tol_):  # mtl.py's predict_from_features, written out here
         def predict_from_features(params, sf, sy, qf, ways):
@@ -115,12 +121,24 @@ def profile(
         ("sample: `lax.top_k` partial selection", vj(draw), (keys,)),
         ("gather rows `feats[classes[:, None], pos]` + split", vj(gather_rows), (cls, pos)),
         (
+            "memory floor: read the drawn rows once (gather fused into a sum)",
+            chunked(lambda a: floor(*a)),
+            ((cls, pos),),
+        ),
+        (
             f"`episode_grams`: sample + class blocks + products, chunks of {chunk}",
             chunked(grams),
             (keys,),
         ),
         (
-            f"fit from Gram matrices + predict, {steps} steps at most, tol {tol:g}",
+            f"fit from Gram matrices + predict, {steps} steps at most, tol {tol:g}, "
+            "vmap of the one-episode fit (before)",
+            fit_gram(steps, tol, vmapped=True),
+            (gs, gq),
+        ),
+        (
+            f"fit from Gram matrices + predict, {steps} steps at most, tol {tol:g}, "
+            "all episodes at once, episodes innermost (now)",
             fit_gram(steps, tol),
             (gs, gq),
         ),
@@ -146,9 +164,7 @@ def profile(
         cpu, wall = _timed(fn, *args)
         out.append({"piece": name, "cpu_ms": 1e3 * cpu / batch, "wall_ms": 1e3 * wall / batch})
     taken = jax.jit(
-        jax.vmap(
-            lambda g: linear_heads.logistic_regression_dual(g, sy, ways, c_reg, steps, tol, True)[2]
-        )
+        lambda g: linear_heads.logistic_regression_dual(g, sy, ways, c_reg, steps, tol, True)[2]
     )(gs)
     taken = jnp.asarray(taken)
     fit_steps = {
@@ -187,6 +203,7 @@ def main() -> None:
         embed_pool,
         episode_chunk,
         episode_features,
+        fit_chunk_size,
         parse_setting,
     )
 
@@ -218,6 +235,7 @@ def main() -> None:
     sy = jnp.repeat(jnp.arange(ways), shots)
     qy = jnp.repeat(jnp.arange(ways), q)
     chunk = args.chunk or episode_chunk(feats.shape[-1], ways, shots, q)
+    fit_chunk = fit_chunk_size(ways, shots)
     # the evaluator's episodes (evaluation.py): sample, fit the head, predict
     batch_fn = cached_episode_accuracy(algorithm, params, feats, counts, ways, shots, q, chunk)
     key = jax.random.PRNGKey(1)
@@ -226,26 +244,37 @@ def main() -> None:
     keys = jax.random.split(key, args.episodes)
     n_sk = args.sklearn_episodes
     jax.block_until_ready(batch_fn(keys[: args.batch]))  # compile
-    t, c = time.perf_counter(), time.process_time()
-    accs = [
-        np.asarray(batch_fn(keys[i : i + args.batch])) for i in range(0, args.episodes, args.batch)
-    ]
-    jax_s, jax_cpu = time.perf_counter() - t, time.process_time() - c
-    accs = np.concatenate(accs)
     gather = lambda k: episode_features(k, feats, counts, ways, shots, q)
     sfs, qfs = jax.jit(jax.vmap(gather))(keys[:n_sk])
     sfs, qfs = np.asarray(l2_normalize(sfs)), np.asarray(l2_normalize(qfs))
     ys, yq = np.asarray(sy), np.asarray(qy)
-    sk, sk_iters = [], []
-    t, c = time.perf_counter(), time.process_time()
+
+    def sklearn_episode(e: int) -> tuple[float, int]:
+        clf = LogisticRegression(C=c_reg, solver="lbfgs", max_iter=1000)
+        clf.fit(sfs[e], ys)
+        return float((clf.predict(qfs[e]) == yq).mean()), int(np.max(clf.n_iter_))
+
+    # Interleaved, so that both learners see the same machine: each round times one batch of the
+    # JAX evaluator, then an equal share of the scikit-learn episodes (this shared CPU's speed
+    # drifts by tens of percent between runs minutes apart; a ratio of two back-to-back blocks
+    # drifts with it).
+    batch_starts = list(range(0, args.episodes, args.batch))
+    sk_bounds = np.linspace(0, n_sk, len(batch_starts) + 1).round().astype(int)
+    accs, sk, sk_iters = [], [], []
+    jax_s = jax_cpu = sk_s = sk_cpu = 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for e in range(n_sk):
-            clf = LogisticRegression(C=c_reg, solver="lbfgs", max_iter=1000)
-            clf.fit(sfs[e], ys)
-            sk.append((clf.predict(qfs[e]) == yq).mean())
-            sk_iters.append(int(np.max(clf.n_iter_)))
-    sk_s, sk_cpu = time.perf_counter() - t, time.process_time() - c
+        for r, i in enumerate(batch_starts):
+            t, c = time.perf_counter(), time.process_time()
+            accs.append(np.asarray(batch_fn(keys[i : i + args.batch])))
+            jax_s, jax_cpu = jax_s + time.perf_counter() - t, jax_cpu + time.process_time() - c
+            t, c = time.perf_counter(), time.process_time()
+            for e in range(sk_bounds[r], sk_bounds[r + 1]):
+                a, it = sklearn_episode(e)
+                sk.append(a)
+                sk_iters.append(it)
+            sk_s, sk_cpu = sk_s + time.perf_counter() - t, sk_cpu + time.process_time() - c
+    accs = np.concatenate(accs)
     sk = np.asarray(sk)
     pieces, fit_steps = profile(
         algorithm, params, feats, counts, ways, shots, q, args.batch, c_reg, steps, tol, chunk
@@ -280,6 +309,7 @@ def main() -> None:
         "sklearn_episodes": n_sk,
         "batch": args.batch,
         "chunk": chunk,
+        "fit_chunk": fit_chunk,
         "profile_per_episode": pieces,
         "cpu_affinity": sorted(os.sched_getaffinity(0)),
         "load_average_after": C.loadavg(),
@@ -313,7 +343,8 @@ def main() -> None:
         "|---|---|---|---|---|",
         f"| vmapped JAX evaluator (`evaluation.cached_episode_accuracy`: split L2-normalised "
         f"once; per episode sample + Gram matrices, in vmapped chunks of {chunk}; then the fit "
-        f"from the Gram matrices by accelerated gradient descent to tol {tol:g} (median "
+        f"from the Gram matrices, {fit_chunk} episodes at a time with the episode axis innermost, "
+        f"by accelerated gradient descent to tol {tol:g} (median "
         f"{fit_steps['median']:g} steps, max {fit_steps['max']}) + predict; batches of "
         f"{args.batch} keys) | {args.episodes} | {eps:.0f} | "
         f"{cpu_eps:.0f} | "
@@ -323,7 +354,9 @@ def main() -> None:
         f"{cpu_sk_eps:.1f} | "
         f"{out['sklearn_accuracy']:.2f} |",
         "",
-        f"**Speedup: {out['speedup']:.0f}x** by wall time, {out['speedup_cpu']:.0f}x per "
+        f"**Speedup: {out['speedup']:.0f}x** by wall time (the two timed in {len(batch_starts)} "
+        f"interleaved rounds of {args.batch} JAX episodes and ~{n_sk // len(batch_starts)} "
+        f"scikit-learn episodes), {out['speedup_cpu']:.0f}x per "
         f"CPU-second; accuracy difference on the same {n_sk} episodes: "
         f"{out['accuracy_difference_same_episodes']:+.2f} points "
         f"({out['episodes_disagreeing_in_accuracy']} episodes differ at all). JAX evaluator over "

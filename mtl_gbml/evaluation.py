@@ -109,9 +109,11 @@ def episode_grams(
 
 
 CHUNK_BYTES = 4 << 20  # gathered features per vmapped chunk: about one core's L2 cache
-# Gram matrices per vmapped chunk of the fit: its iterations stream them at every step; 256 KiB
-# was the best of 0.25/1/4/64 MiB on 5w5s-20w5s in a scratch probe on the same features
-# (20w5s 5.0 against 6.3-7.7 ms an episode; noisy, 5w1s within noise of all four)
+# The fit's working set per chunk of episodes (support Gram matrices and iterates), which its
+# iterations stream at every step: 256 KiB lands 5w1s/5w5s/20w1s (291/40/18 episodes a chunk) in
+# the best range of a scratch sweep of 8-512 episodes on the features of eval_throughput.md
+# (5w1s 64-256, 0.006 ms an episode; 5w5s 16-64, 0.08; 20w1s 16-64, 0.25; 512 cost 1.0x, 2.8x
+# and 2.1x those); 20w5s (a vmap of one-episode fits, n > 32) gets 2 a chunk
 FIT_CHUNK_BYTES = 256 << 10
 
 
@@ -125,11 +127,37 @@ def episode_chunk(feature_dim: int, ways: int, shots: int, queries: int) -> int:
     return max(1, CHUNK_BYTES // per_episode)
 
 
+def fit_chunk_size(ways: int, shots: int) -> int:
+    """Episodes handed to ``predict_from_gram`` at once: ``FIT_CHUNK_BYTES`` of the fit's working
+    set, an [n, n] support Gram matrix and ~8 [n, ways] iterates per episode (the query products
+    are used once, after the fit)."""
+    n = ways * shots
+    return max(1, FIT_CHUNK_BYTES // ((n * n + 8 * n * ways) * 4))
+
+
 def uses_gram(algorithm: Algorithm, feature_dim: int, ways: int, shots: int) -> bool:
     """Whether the cached-feature evaluator hands the head Gram matrices: the algorithm has
     ``predict_from_gram`` and the support set is no larger than the feature dimension (beyond it
     an [n, n] Gram costs more than the features)."""
     return algorithm.predict_from_gram is not None and ways * shots <= feature_dim
+
+
+def map_chunks(fn: Callable[[Any], jax.Array], xs: Any, size: int) -> jax.Array:
+    """``fn`` over consecutive chunks of ``size`` along the leading axis of the pytree ``xs``,
+    concatenated: ``fn`` takes and returns a whole chunk (leading axis = the chunk), unlike
+    ``lax.map(batch_size=...)``, which vmaps a per-element function. A ``lax.map`` over the full
+    chunks, then ``fn`` once on the remainder."""
+    total = jax.tree.leaves(xs)[0].shape[0]
+    size = max(1, min(size, total))
+    full = total - total % size
+    parts = []
+    if full:
+        split = jax.tree.map(lambda x: x[:full].reshape((-1, size) + x.shape[1:]), xs)
+        out = jax.lax.map(fn, split)
+        parts.append(out.reshape((full,) + out.shape[2:]))
+    if full < total:
+        parts.append(fn(jax.tree.map(lambda x: x[full:], xs)))
+    return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def cached_episode_accuracy(
@@ -148,9 +176,9 @@ def cached_episode_accuracy(
     Heads with ``predict_from_gram`` (``uses_gram``), in two stages: the algorithm's
     ``feature_transform`` is applied to the cached split once; a ``lax.map`` over vmapped chunks
     of ``chunk`` episodes (default ``episode_chunk``) gathers and multiplies each episode's features
-    into its Gram matrices (5w1s: 400 floats against 46,000 gathered); then a second ``lax.map``
-    fits and predicts from them over chunks of ``FIT_CHUNK_BYTES`` of Gram matrices (5w1s: 163
-    episodes), so the fit's iterations run over many episodes at once.
+    into its Gram matrices (5w1s: 400 floats against 46,000 gathered); then ``map_chunks`` hands
+    ``predict_from_gram`` chunks of ``FIT_CHUNK_BYTES`` of Gram matrices (5w1s: 163 episodes) with
+    their episode axis, so the fit's iterations run over many episodes at once, vectorised.
     Other heads: each chunk gathers the episode features and calls ``predict_from_features``.
     Per episode the same computation whatever the chunk, equal up to float32 rounding (XLA
     vectorises for the batch size it sees, as it does for a smaller last batch).
@@ -172,16 +200,15 @@ def _cached_batch(algorithm, ways, shots, queries, chunk, gram, params, feats, c
     sy = jnp.repeat(jnp.arange(ways), shots)
     qy = jnp.repeat(jnp.arange(ways), queries)
     if gram:
-        n = ways * shots
-        fit_chunk = max(1, FIT_CHUNK_BYTES // ((n + ways * queries) * n * 4))
+        fit_chunk = fit_chunk_size(ways, shots)
         grams = lambda rng: episode_grams(rng, feats, class_counts, ways, shots, queries)
 
-        def fit_predict(g):
+        def fit_predict(g):  # a chunk of episodes at once: the head vectorises across them
             logits = algorithm.predict_from_gram(params, g[0], g[1], sy, ways)
-            return (logits.argmax(-1) == qy).mean()
+            return (logits.argmax(-1) == qy).mean(-1)
 
         g = jax.lax.map(grams, keys, batch_size=chunk)
-        return jax.lax.map(fit_predict, g, batch_size=fit_chunk)
+        return map_chunks(fit_predict, g, fit_chunk)
 
     def one(rng):
         sf, qf = episode_features(rng, feats, class_counts, ways, shots, queries)

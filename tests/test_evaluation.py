@@ -15,6 +15,8 @@ from mtl_gbml.evaluation import (
     episode_chunk,
     episode_features,
     episode_grams,
+    fit_chunk_size,
+    map_chunks,
     uses_gram,
 )
 
@@ -76,6 +78,9 @@ def test_episode_chunk_keeps_the_gathered_features_small():
     assert episode_chunk(576, 5, 1, 15) == 22  # 5w1s on 576-d features: ~4 MiB a chunk
     assert episode_chunk(576, 20, 5, 15) == 4
     assert episode_chunk(10**6, 20, 5, 15) == 1  # never zero
+    # the fit's chunks: 256 KiB of support Gram matrices and iterates per chunk
+    assert [fit_chunk_size(w, s) for w, s in [(5, 1), (5, 5), (20, 1)]] == [291, 40, 18]
+    assert fit_chunk_size(100, 100) == 1  # never zero
 
 
 @pytest.mark.parametrize("per_class", [12, 40])  # 12: class blocks gathered whole; 40: rows
@@ -114,3 +119,22 @@ def test_mtl_gram_path_gives_the_episodes_of_the_feature_path():
         )
         np.testing.assert_array_equal(gram, direct)
         assert 1.5 / ways < gram.mean() < 1.0
+
+
+def test_map_chunks_is_the_whole_batch_in_pieces():
+    """``map_chunks`` hands ``fn`` whole chunks (remainder included) and concatenates in order."""
+    xs = (jnp.arange(23.0), jnp.arange(46.0).reshape(23, 2))
+    seen = []
+
+    def fn(x):
+        seen.append(x[0].shape[0])  # trace-time chunk sizes
+        return x[0] * 10 + x[1].sum(-1)
+
+    expect = np.asarray(fn(xs))
+    for size in (1, 5, 23, 40):
+        seen.clear()
+        np.testing.assert_array_equal(
+            np.asarray(jax.jit(lambda a, s=size: map_chunks(fn, a, s))(xs)), expect
+        )
+        full = 23 - 23 % min(size, 23)
+        assert seen == ([min(size, 23)] if full else []) + ([23 - full] if full < 23 else [])

@@ -66,6 +66,29 @@ def test_tolerance_stop_is_the_converged_fit_in_fewer_steps():
     np.testing.assert_array_equal(np.asarray(fit(10, 1e-5)[0]), w_short)
 
 
+@pytest.mark.parametrize("ways,shots", [(5, 1), (4, 3), (3, 12)])  # n = 5, 12, 36 (> _SMALL)
+def test_episodes_on_leading_axes_are_the_fits_one_at_a_time(ways, shots):
+    """Leading axes of the Gram matrix are independent episodes, fitted together with the episode
+    axis innermost: each is the fit of a Python loop over single episodes, with the same steps
+    taken (its own tolerance stop, not the slowest episode's), and so are the fixed-step fits."""
+    sf, sy, _, _ = _episodes(6, ways, shots, 1, 40, seed=3)
+    grams = jnp.asarray(sf @ sf.transpose(0, 2, 1)).reshape(2, 3, ways * shots, ways * shots)
+    y = jnp.asarray(sy)
+    for steps, tol in [(1000, 1e-5), (25, 0.0)]:
+        a, b, taken = logistic_regression_dual(grams, y, ways, 3.0, steps, tol, True)
+        assert a.shape == (2, 3, ways * shots, ways) and b.shape == (2, 3, ways)
+        for i in range(2):
+            for j in range(3):
+                a1, b1, t1 = logistic_regression_dual(grams[i, j], y, ways, 3.0, steps, tol, True)
+                np.testing.assert_allclose(np.asarray(a[i, j]), np.asarray(a1), atol=1e-5)
+                np.testing.assert_allclose(np.asarray(b[i, j]), np.asarray(b1), atol=1e-5)
+                assert int(taken[i, j]) == int(t1)
+        if tol:
+            assert len(set(np.asarray(taken).ravel().tolist())) > 1, taken  # stops differ
+        else:
+            assert np.all(np.asarray(taken) == steps)
+
+
 def test_dual_fit_from_the_gram_matrix_is_the_primal_optimum():
     """``logistic_regression_dual`` sees only F F^T; W = A^T F is the primal optimum, found here
     independently by scipy's L-BFGS on the primal objective in float64."""

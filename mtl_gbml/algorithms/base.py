@@ -34,9 +34,11 @@ class Algorithm:
     Optional, for heads that see features only through inner products after a row-wise map:
     feature_transform(f [..., D]) -> f' [..., D'], the map (the evaluator applies it to the cached
         split once), and
-    predict_from_gram(params, support_gram [n, n], query_support_gram [q, n], support_y, ways) ->
-        query logits (one episode), from the transformed features' inner products; it must equal
-        ``predict_from_features`` on the raw features.
+    predict_from_gram(params, support_gram [..., n, n], query_support_gram [..., q, n], support_y,
+        ways) -> query logits [..., q, ways], from the transformed features' inner products; it
+        must equal ``predict_from_features`` on the raw features. Leading axes are episodes (the
+        evaluator hands it a chunk of episodes at once, so a head can vectorise across them;
+        ``support_y`` [n] is shared).
     """
 
     name: str

@@ -103,7 +103,7 @@ def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes:
 
     def predict_from_gram(params, support_gram, query_support_gram, support_y, ways):
         a, b = linear_heads.logistic_regression_dual(support_gram, support_y, ways, **logreg)
-        return query_support_gram @ a + b
+        return query_support_gram @ a + b[..., None, :]
 
     def predict_from_features(params, support_f, support_y, query_f, ways):
         support_f, query_f = l2_normalize(support_f), l2_normalize(query_f)
