@@ -381,7 +381,33 @@ def run_worker(spec: dict, xla_flags: str = "", timeout: int = 1800) -> dict:
     return {"error": (p.stderr or p.stdout)[-2000:]}
 
 
+def cpu_model() -> str:
+    """The CPU as /proc/cpuinfo names it, e.g. 'AMD EPYC (family 26, model 2), 2 cores, avx512'.
+    This project's machine has changed host between sessions (Intel and AMD), and every ratio
+    depends on it, so each benchmark's markdown names it."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return f"unknown CPU, {os.cpu_count()} cores"
+    flags = info.get("flags", "").split()
+    simd = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
+    amx = ", amx" if "amx_tile" in flags else ""
+    return (
+        f"{info.get('model name', 'unknown CPU')} (family {info.get('cpu family', '?')}, "
+        f"model {info.get('model', '?')}), {os.cpu_count()} cores, {simd}{amx}"
+    )
+
+
 def write_md(name: str, lines: list[str]) -> str:
+    """Write benchmarks/results/<name>.md; the line after the title names the CPU."""
+    lines = list(lines)
+    title = next((i for i, ln in enumerate(lines) if ln.startswith("# ")), None)
+    if title is not None:
+        lines[title + 1 : title + 1] = ["", f"CPU: {cpu_model()}."]
     path = os.path.join(RESULTS, f"{name}.md")
     with open(path, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")

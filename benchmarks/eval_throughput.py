@@ -3,7 +3,7 @@ regression) against the official recipe (scikit-learn ``LogisticRegression(C=3, 
 max_iter=1000)`` fitted per episode in a Python loop), on the same cached features and episodes.
 
 python benchmarks/eval_throughput.py [--run /work/runs/mtl_quick] [--setting 5w1s]
-    [--episodes 10000] [--sklearn_episodes 500] [--chunk N]
+    [--episodes 10000] [--sklearn_episodes 500] [--chunk N] [--name eval_throughput]
 
 Features: the trained MTL run's backbone if ``--run`` holds checkpoints (loaded with
 ``mtl_gbml.run_loading.load_run``; ``python -m mtl_gbml.train --config configs/omniglot/mtl.py:quick
@@ -11,7 +11,7 @@ Features: the trained MTL run's backbone if ``--run`` holds checkpoints (loaded 
 markdown says which). The evaluator timed is ``evaluation.cached_episode_accuracy`` itself; a
 profile times its pieces (sample, Gram matrices, fit) separately and the whole episode before and
 after the Gram path (and the tolerance-stopped fit alone). Writes
-benchmarks/results/eval_throughput.{json,md}.
+benchmarks/results/<name>.{json,md} (default eval_throughput).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def profile(
 
     def fit_gram(steps_, tol_, vmapped=False):
         """All the batch's episodes handed to the fit at once (episodes innermost, as the
-        evaluator's chunks are), or ``vmapped``: a vmap of the one-episode fit (before)."""
+        evaluator's chunks are), or ``vmapped``: a vmap of the one-episode fit."""
 
         def fit(gs, gq):
             a, b = linear_heads.logistic_regression_dual(gs, sy, ways, c_reg, steps_, tol_)
@@ -132,7 +132,7 @@ def profile(
         ),
         (
             f"fit from Gram matrices + predict, {steps} steps at most, tol {tol:g}, "
-            "vmap of the one-episode fit (before)",
+            "a vmap of the one-episode fit (today's code; the old one: findings)",
             fit_gram(steps, tol, vmapped=True),
             (gs, gq),
         ),
@@ -185,6 +185,11 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=15)
     ap.add_argument("--split", default="test")
     ap.add_argument("--chunk", type=int, default=0, help="episodes per vmapped chunk; 0: default")
+    ap.add_argument(
+        "--name",
+        default="eval_throughput",
+        help="results file name (other settings: e.g. eval_throughput_20w1s)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("MTL_GBML_DATA_DIR", "/work/shared/data")
     os.environ.setdefault("TFDS_DATA_DIR", "/tmp/tfds")
@@ -324,10 +329,11 @@ def main() -> None:
         "feature_dim": int(feats.shape[-1]),
         "embed_split_s": embed_s,
         "started_utc": started,
+        "cpu": C.cpu_model(),
         "other_processes_before": busy_before,
         "other_processes_after": busy_after,
     }
-    C.write_json("eval_throughput", out)
+    C.write_json(args.name, out)
     md = [
         f"`{C.command_line()}`",
         "",
@@ -383,7 +389,7 @@ def main() -> None:
         "|---|---|---|",
     ]
     md += [f"| {r['piece']} | {r['cpu_ms']:.4f} | {r['wall_ms']:.4f} |" for r in pieces]
-    C.write_md("eval_throughput", md)
+    C.write_md(args.name, md)
     print("\n".join(md))
 
 

@@ -21,6 +21,11 @@ PARTS = [
     ),
     ("eval_throughput", "Evaluation throughput", "python benchmarks/eval_throughput.py"),
     (
+        "eval_throughput_20w1s",
+        "Evaluation throughput at 20-way 1-shot",
+        "python benchmarks/eval_throughput.py --setting 20w1s --name eval_throughput_20w1s",
+    ),
+    (
         "time_to_accuracy",
         "Time to accuracy",
         "python benchmarks/time_to_accuracy.py --budget_s 3600 --parallel 2",
@@ -41,10 +46,12 @@ def main() -> None:
     md = [
         "## Performance",
         "",
-        "All numbers below were measured on this project's 2-core CPU machine (on 2026-12-02 "
-        "`lscpu` reports an Intel Xeon, family 6 model 207, with AVX-512 and AMX-BF16; earlier "
-        "sessions' host may have differed); the machine is shared, so each table quotes medians and ratios measured side by side in "
-        "one run, and says what else was running. Every table starts with the command that "
+        "All numbers below were measured on this project's 2-core CPU machine. Its host has "
+        "changed between sessions, and every ratio depends on the CPU, so each table's `CPU:` line "
+        "names the one it ran on; a table without that line predates it (the fast-backbone tables "
+        "ran on an Intel Xeon, family 6 model 207, with AVX-512 and AMX-BF16, on 2026-12-02). "
+        "The machine is shared, so each table quotes medians and ratios measured side by side "
+        "in one run, and says what else was running. Every table starts with the command that "
         "produced it; the JSON next to each markdown file in `benchmarks/results/` has the raw "
         "numbers.",
         "",

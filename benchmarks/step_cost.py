@@ -72,7 +72,7 @@ def main() -> None:
         print(algorithm, shots, over or "", {k: r.get(k) for k in ("step_ms", "error")}, flush=True)
         return r
 
-    out = {"workload": C.WORKLOAD["name"], "workload_details": C.WORKLOAD}
+    out = {"workload": C.WORKLOAD["name"], "workload_details": C.WORKLOAD, "cpu": C.cpu_model()}
     rows = {"supervised": measure("supervised")}
     for a in filter(None, args.algorithms.split(",")):
         rows[a] = measure(a)

@@ -226,6 +226,7 @@ def main() -> None:
         "budget_s": args.budget_s,
         "parallel": args.parallel,
         "started_utc": started,
+        "cpu": C.cpu_model(),
         "pin_cpu": args.pin_cpu or None,
         "settings": {},
         "other_processes_before": busy_before,
@@ -316,6 +317,8 @@ def main() -> None:
         f"`{C.command_line()}`",
         "",
         f"# Time to accuracy on Omniglot ({started} UTC)",
+        "",
+        f"CPU: {C.cpu_model()}.",
         "",
         f"Every algorithm: its shipped config (configs/omniglot/<algorithm>.py, 20-way 1-shot "
         f"training tasks), the same wall-clock budget of {args.budget_s:.0f} s "
