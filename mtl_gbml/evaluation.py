@@ -177,8 +177,8 @@ def cached_episode_accuracy(
     ``feature_transform`` is applied to the cached split once; a ``lax.map`` over vmapped chunks
     of ``chunk`` episodes (default ``episode_chunk``) gathers and multiplies each episode's features
     into its Gram matrices (5w1s: 400 floats against 46,000 gathered); then ``map_chunks`` hands
-    ``predict_from_gram`` chunks of ``FIT_CHUNK_BYTES`` of Gram matrices (5w1s: 163 episodes) with
-    their episode axis, so the fit's iterations run over many episodes at once, vectorised.
+    ``predict_from_gram`` chunks of ``fit_chunk_size`` episodes (5w1s: 291) with their episode
+    axis, so the fit's iterations run over many episodes at once, vectorised.
     Other heads: each chunk gathers the episode features and calls ``predict_from_features``.
     Per episode the same computation whatever the chunk, equal up to float32 rounding (XLA
     vectorises for the batch size it sees, as it does for a smaller last batch).

@@ -82,9 +82,11 @@ def test_episodes_on_leading_axes_are_the_fits_one_at_a_time(ways, shots):
                 a1, b1, t1 = logistic_regression_dual(grams[i, j], y, ways, 3.0, steps, tol, True)
                 np.testing.assert_allclose(np.asarray(a[i, j]), np.asarray(a1), atol=1e-5)
                 np.testing.assert_allclose(np.asarray(b[i, j]), np.asarray(b1), atol=1e-5)
-                assert int(taken[i, j]) == int(t1)
-        if tol:
-            assert len(set(np.asarray(taken).ravel().tolist())) > 1, taken  # stops differ
+                # the same stop (a step apart at most: float32 rounding near the tolerance
+                # may differ between the vectorised and the one-episode program on other CPUs)
+                assert abs(int(taken[i, j]) - int(t1)) <= 1
+        if tol:  # the stops differ by more than that: a batch run to its slowest would fail
+            assert np.ptp(np.asarray(taken)) >= 3, taken
         else:
             assert np.all(np.asarray(taken) == steps)
 
