@@ -15,28 +15,6 @@ import jax.numpy as jnp
 _SMALL = 32  # up to this many support points, products are broadcast-multiply-sums
 
 
-def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b`` for a small ``a`` [n, n]: as a fused multiply-reduce, which XLA:CPU vectorises
-    across a vmapped batch of episodes (a batched dot of tiny matrices loops over the batch)."""
-    if a.shape[0] > _SMALL:
-        return a @ b
-    if b.ndim == 1:
-        return (a * b[None, :]).sum(1)
-    return (a[:, :, None] * b[None, :, :]).sum(1)
-
-
-def _top_eigenvalue(a: jax.Array, iters: int = 30) -> jax.Array:
-    """Largest eigenvalue of the PSD matrix ``a`` by power iteration (an upper estimate is safe)."""
-    v = jnp.ones((a.shape[0],), a.dtype) / jnp.sqrt(a.shape[0])
-
-    def body(v, _):
-        w = _mm(a, v)
-        return w / (jnp.linalg.norm(w) + 1e-30), None
-
-    v, _ = jax.lax.scan(body, v, None, length=iters)
-    return v @ _mm(a, v)
-
-
 def _kmul(k: jax.Array, x: jax.Array) -> jax.Array:
     """``k[:, :, e] @ x[:, :, e]`` for every episode ``e``: k [n, n, E], x [n, m, E] -> [n, m, E],
     the episode axis innermost. For small n, a sum of n broadcast products, each an elementwise
@@ -51,7 +29,8 @@ def _kmul(k: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def _top_eigenvalues(k: jax.Array, iters: int = 30) -> jax.Array:
-    """``_top_eigenvalue`` of every episode's PSD matrix ``k[:, :, e]`` [n, n, E] -> [E]."""
+    """Largest eigenvalue of every episode's PSD matrix ``k[:, :, e]`` [n, n, E] -> [E], by power
+    iteration (an upper estimate is safe)."""
     v = jnp.ones((k.shape[0], 1, k.shape[2]), k.dtype) / jnp.sqrt(k.shape[0])
 
     def body(v, _):
@@ -187,7 +166,7 @@ def logistic_regression(
 
     xa = jnp.concatenate([support_f, jnp.ones((n, 1), support_f.dtype)], axis=1)
     onehot = jax.nn.one_hot(support_y, ways, dtype=support_f.dtype)
-    lipschitz = 0.5 * c * _top_eigenvalue(xa.T @ xa) * 1.05 + 1.0
+    lipschitz = 0.5 * c * _top_eigenvalues((xa.T @ xa)[..., None])[0] * 1.05 + 1.0
     mask = jnp.concatenate([jnp.ones((d,)), jnp.zeros((1,))]).astype(support_f.dtype)
 
     def grad(theta):  # theta [D+1, ways]
