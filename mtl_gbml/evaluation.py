@@ -109,12 +109,17 @@ def episode_grams(
 
 
 CHUNK_BYTES = 4 << 20  # gathered features per vmapped chunk: about one core's L2 cache
-# The fit's working set per chunk of episodes (support Gram matrices and iterates), which its
-# iterations stream at every step: 256 KiB lands 5w1s/5w5s/20w1s (291/40/18 episodes a chunk) in
-# the best range of a scratch sweep of 8-512 episodes on the features of eval_throughput.md
-# (5w1s 64-256, 0.006 ms an episode; 5w5s 16-64, 0.08; 20w1s 16-64, 0.25; 512 cost 1.0x, 2.8x
-# and 2.1x those); 20w5s (a vmap of one-episode fits, n > 32) gets 2 a chunk
-FIT_CHUNK_BYTES = 256 << 10
+# The fit's working set per chunk of episodes (support Gram matrices, their preconditioners and
+# the iterates), which its iterations stream at every step. Chunks are whole multiples of 16
+# episodes, the float32 lanes of an AVX-512 register, since the episode axis is the vectorised
+# one: in a scratch sweep on the features of eval_throughput.md, 20w1s fitted in 0.12 ms an
+# episode in chunks of 32 or 48 against 0.20 in chunks of 18, and 5w1s in 0.0038 (256) against
+# 0.0045 (291 or 500). 512 KiB and at most 256 episodes give 256/48/32 episodes at
+# 5w1s/5w5s/20w1s, each within noise of the best of 8-576; 20w5s (a vmap of one-episode fits,
+# n > 32) gets 3 a chunk
+FIT_CHUNK_BYTES = 512 << 10
+FIT_CHUNK_MAX = 256
+SIMD_LANES = 16
 
 
 def episode_chunk(feature_dim: int, ways: int, shots: int, queries: int) -> int:
@@ -129,10 +134,12 @@ def episode_chunk(feature_dim: int, ways: int, shots: int, queries: int) -> int:
 
 def fit_chunk_size(ways: int, shots: int) -> int:
     """Episodes handed to ``predict_from_gram`` at once: ``FIT_CHUNK_BYTES`` of the fit's working
-    set, an [n, n] support Gram matrix and ~8 [n, ways] iterates per episode (the query products
-    are used once, after the fit)."""
+    set, two [n, n] matrices (the support Gram matrix and its preconditioner) and ~8 [n, ways]
+    iterates per episode (the query products are used once, after the fit), at most
+    ``FIT_CHUNK_MAX``, rounded down to a multiple of ``SIMD_LANES`` when there are that many."""
     n = ways * shots
-    return max(1, FIT_CHUNK_BYTES // ((n * n + 8 * n * ways) * 4))
+    size = min(FIT_CHUNK_MAX, FIT_CHUNK_BYTES // ((2 * n * n + 8 * n * ways) * 4))
+    return max(1, size - size % SIMD_LANES if size >= SIMD_LANES else size)
 
 
 def uses_gram(algorithm: Algorithm, feature_dim: int, ways: int, shots: int) -> bool:
@@ -177,7 +184,7 @@ def cached_episode_accuracy(
     ``feature_transform`` is applied to the cached split once; a ``lax.map`` over vmapped chunks
     of ``chunk`` episodes (default ``episode_chunk``) gathers and multiplies each episode's features
     into its Gram matrices (5w1s: 400 floats against 46,000 gathered); then ``map_chunks`` hands
-    ``predict_from_gram`` chunks of ``fit_chunk_size`` episodes (5w1s: 291) with their episode
+    ``predict_from_gram`` chunks of ``fit_chunk_size`` episodes (5w1s: 256) with their episode
     axis, so the fit's iterations run over many episodes at once, vectorised.
     Other heads: each chunk gathers the episode features and calls ``predict_from_features``.
     Per episode the same computation whatever the chunk, equal up to float32 rounding (XLA

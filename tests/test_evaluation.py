@@ -79,7 +79,8 @@ def test_episode_chunk_keeps_the_gathered_features_small():
     assert episode_chunk(576, 20, 5, 15) == 4
     assert episode_chunk(10**6, 20, 5, 15) == 1  # never zero
     # the fit's chunks: 256 KiB of support Gram matrices and iterates per chunk
-    assert [fit_chunk_size(w, s) for w, s in [(5, 1), (5, 5), (20, 1)]] == [291, 40, 18]
+    assert [fit_chunk_size(w, s) for w, s in [(5, 1), (5, 5), (20, 1)]] == [256, 48, 32]
+    assert fit_chunk_size(20, 5) == 3  # fewer than 16: as computed
     assert fit_chunk_size(100, 100) == 1  # never zero
 
 

@@ -7,7 +7,12 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from mtl_gbml.algorithms.base import l2_normalize
-from mtl_gbml.linear_heads import logistic_regression, logistic_regression_dual, prototypes
+from mtl_gbml.linear_heads import (
+    _spd_inverse,
+    logistic_regression,
+    logistic_regression_dual,
+    prototypes,
+)
 
 
 def _episodes(n_episodes, ways, shots, queries, dim, seed=0):
@@ -47,7 +52,7 @@ def test_matches_sklearn_on_100_episodes(dim):
 
 def test_tolerance_stop_is_the_converged_fit_in_fewer_steps():
     """Stopping at the gradient tolerance gives the fit that a fixed 600 steps converge to, in
-    fewer steps, and the cap binds: with 10 steps allowed it is the 10-step iterate."""
+    fewer steps, and the cap binds: with 5 steps allowed it is the 5-step iterate."""
     ways, shots, dim = 5, 1, 64
     sf, sy, _, _ = _episodes(50, ways, shots, 15, dim, seed=1)
     y, sf = jnp.asarray(sy), jnp.asarray(sf)
@@ -60,10 +65,10 @@ def test_tolerance_stop_is_the_converged_fit_in_fewer_steps():
     np.testing.assert_allclose(b_tol, b_fixed, atol=2e-4)
     dual = jax.vmap(lambda s: logistic_regression_dual(s @ s.T, y, ways, 3.0, 600, 1e-5, True))
     taken = np.asarray(dual(sf)[2])
-    assert 10 < taken.max() < 200, taken
-    w_short = np.asarray(fit(10, 0.0)[0])
+    assert 5 < taken.min() and taken.max() < 200, taken
+    w_short = np.asarray(fit(5, 0.0)[0])
     assert np.abs(w_short - w_fixed).max() > 1e-3
-    np.testing.assert_array_equal(np.asarray(fit(10, 1e-5)[0]), w_short)
+    np.testing.assert_array_equal(np.asarray(fit(5, 1e-5)[0]), w_short)
 
 
 @pytest.mark.parametrize("ways,shots", [(5, 1), (4, 3), (3, 12)])  # n = 5, 12, 36 (> _SMALL)
@@ -72,7 +77,9 @@ def test_episodes_on_leading_axes_are_the_fits_one_at_a_time(ways, shots):
     axis innermost: each is the fit of a Python loop over single episodes, with the same steps
     taken (its own tolerance stop, not the slowest episode's), and so are the fixed-step fits."""
     sf, sy, _, _ = _episodes(6, ways, shots, 1, 40, seed=3)
-    grams = jnp.asarray(sf @ sf.transpose(0, 2, 1)).reshape(2, 3, ways * shots, ways * shots)
+    # features scaled differently per episode, so that their fits need different numbers of steps
+    scale = np.array([0.25, 0.5, 1.0, 2.0, 4.0, 8.0], np.float32)[:, None, None]
+    grams = jnp.asarray(scale * sf @ sf.transpose(0, 2, 1)).reshape(2, 3, ways * shots, -1)
     y = jnp.asarray(sy)
     for steps, tol in [(1000, 1e-5), (25, 0.0)]:
         a, b, taken = logistic_regression_dual(grams, y, ways, 3.0, steps, tol, True)
@@ -125,6 +132,38 @@ def _primal_reference(f, y, ways, c):
 
     res = minimize(obj, np.zeros(d * ways + ways), jac=True, method="L-BFGS-B", tol=1e-12)
     return res.x[: d * ways].reshape(ways, d), res.x[d * ways :]
+
+
+@pytest.mark.parametrize("n", [5, 20, 40])  # unrolled elimination (<= _SMALL), jnp.linalg.inv
+def test_spd_inverse_is_numpys_inverse(n):
+    rng = np.random.default_rng(n)
+    f = rng.normal(size=(3, n, 2 * n)).astype(np.float32)
+    m = np.eye(n, dtype=np.float32) + 1.5 * f @ f.transpose(0, 2, 1) / (2 * n)  # I + 0.5 c K
+    inv = np.asarray(_spd_inverse(jnp.asarray(np.moveaxis(m, 0, -1))))
+    ref = np.linalg.inv(m.astype(np.float64))
+    np.testing.assert_allclose(np.moveaxis(inv, -1, 0), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("ways,shots", [(5, 1), (3, 12)])  # n = 5, 36: both layouts
+def test_dual_step_minimises_boehnings_quadratic_bound(ways, shots):
+    """The first step from zero (no momentum yet) is the minimiser of the quadratic that majorises
+    the objective with Boehning's Hessian bound, ``0.5 c [F 1]^T [F 1]`` per class: found here
+    independently in the primal (W, b) coordinates by numpy in float64, from the gradient at
+    zero."""
+    dim, c = 48, 3.0
+    sf, sy, _, _ = _episodes(2, ways, shots, 1, dim, seed=4)
+    n = ways * shots
+    for e in range(2):
+        f = sf[e].astype(np.float64)
+        a, b = logistic_regression_dual(
+            jnp.asarray(sf[e] @ sf[e].T), jnp.asarray(sy), ways, c, 1, 0
+        )
+        xa = np.concatenate([f, np.ones((n, 1))], axis=1)
+        grad = c * xa.T @ (np.full((n, ways), 1.0 / ways) - np.eye(ways)[sy])  # at W = 0, b = 0
+        bound = 0.5 * c * xa.T @ xa + np.diag(np.r_[np.ones(dim), 0.0])
+        step = np.linalg.solve(bound, -grad)  # [D + 1, ways]
+        np.testing.assert_allclose(np.asarray(a).T @ f, step[:dim].T, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(b), step[dim], atol=1e-4)
 
 
 def test_prototypes_are_class_means():
