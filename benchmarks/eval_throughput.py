@@ -126,7 +126,7 @@ def profile(
             ((cls, pos),),
         ),
         (
-            f"`episode_grams`: sample + class blocks + products, chunks of {chunk}",
+            f"`episode_grams`: sample + drawn rows + one product, chunks of {chunk}",
             chunked(grams),
             (keys,),
         ),

@@ -84,7 +84,7 @@ def test_episode_chunk_keeps_the_gathered_features_small():
     assert fit_chunk_size(100, 100) == 1  # never zero
 
 
-@pytest.mark.parametrize("per_class", [12, 40])  # 12: class blocks gathered whole; 40: rows
+@pytest.mark.parametrize("per_class", [12, 40])  # classes padded to 12 or to 40 images
 def test_episode_grams_are_the_products_of_the_episode_features(per_class):
     """The Gram matrices are those of the features ``episode_features`` gathers (which the test
     above ties to the sampler), multiplied here in float64 numpy; classes of unequal size."""
