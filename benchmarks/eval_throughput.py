@@ -66,7 +66,12 @@ def profile(
     from mtl_gbml import linear_heads
     from mtl_gbml.algorithms.base import Algorithm, l2_normalize
     from mtl_gbml.data.sampler import sample_indices
-    from mtl_gbml.evaluation import cached_episode_accuracy, episode_grams
+    from mtl_gbml.evaluation import (
+        cached_episode_accuracy,
+        episode_grams,
+        fit_chunk_size,
+        map_chunks,
+    )
 
     n_cls, m, d = feats.shape
     sy, qy = jnp.repeat(jnp.arange(ways), shots), jnp.repeat(jnp.arange(ways), q)
@@ -91,15 +96,19 @@ def profile(
 
     grams = lambda k: episode_grams(k, table, counts, ways, shots, q)
 
+    fit_chunk = fit_chunk_size(ways, shots)
+
     def fit_gram(steps_, tol_, vmapped=False):
-        """All the batch's episodes handed to the fit at once (episodes innermost, as the
-        evaluator's chunks are), or ``vmapped``: a vmap of the one-episode fit."""
+        """The batch's episodes handed to the fit in chunks of ``fit_chunk`` (episodes innermost,
+        as the evaluator does), or ``vmapped``: a vmap of the one-episode fit over the batch."""
 
         def fit(gs, gq):
             a, b = linear_heads.logistic_regression_dual(gs, sy, ways, c_reg, steps_, tol_)
             return ((gq @ a + b[..., None, :]).argmax(-1) == qy).mean(-1)
 
-        return jax.jit(jax.vmap(fit) if vmapped else fit)
+        if vmapped:
+            return jax.jit(jax.vmap(fit))
+        return jax.jit(lambda gs, gq: map_chunks(lambda g: fit(*g), (gs, gq), fit_chunk))
 
     def floor(c, p):  # read the episode's drawn rows once, nothing else
         return feats[c[:, None], p].sum((0, 1))
@@ -138,7 +147,7 @@ def profile(
         ),
         (
             f"fit from Gram matrices + predict, {steps} steps at most, tol {tol:g}, "
-            "all episodes at once, episodes innermost (now)",
+            f"in chunks of {fit_chunk} episodes, episodes innermost (the evaluator's)",
             fit_gram(steps, tol),
             (gs, gq),
         ),
@@ -350,7 +359,7 @@ def main() -> None:
         f"| vmapped JAX evaluator (`evaluation.cached_episode_accuracy`: split L2-normalised "
         f"once; per episode sample + Gram matrices, in vmapped chunks of {chunk}; then the fit "
         f"from the Gram matrices, {fit_chunk} episodes at a time with the episode axis innermost, "
-        f"by accelerated gradient descent to tol {tol:g} (median "
+        f"by accelerated descent with Boehning-preconditioned steps to tol {tol:g} (median "
         f"{fit_steps['median']:g} steps, max {fit_steps['max']}) + predict; batches of "
         f"{args.batch} keys) | {args.episodes} | {eps:.0f} | "
         f"{cpu_eps:.0f} | "
