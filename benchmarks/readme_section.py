@@ -48,10 +48,11 @@ def main() -> None:
         "",
         "All numbers below were measured on this project's 2-core CPU machine. Its host has "
         "changed between sessions, and every ratio depends on the CPU, so each table's `CPU:` line "
-        "names the one it ran on; a table without that line predates it (the fast-backbone tables "
-        "ran on an Intel Xeon, family 6 model 207, with AVX-512 and AMX-BF16, on 2026-12-02). "
-        "The machine is shared, so each table quotes medians and ratios measured side by side "
-        "in one run, and says what else was running. Every table starts with the command that "
+        "names the one it ran on (findings from earlier hosts, such as an Intel Xeon, family 6 "
+        "model 207, with AVX-512 and AMX-BF16, say so). The machine is shared, and its speed "
+        "drifts by tens of percent within an hour, so each table quotes medians and ratios "
+        "measured side by side in one run, and says what else was running; a ratio against a "
+        "number from another run is not one. Every table starts with the command that "
         "produced it; the JSON next to each markdown file in `benchmarks/results/` has the raw "
         "numbers.",
         "",
