@@ -5,12 +5,4 @@
 source "$(dirname "$0")/env.sh"
 ruff check .
 ruff format --check .
-# One persistent XLA compilation cache for the run, shared by both pytest workers and the training
-# subprocesses the tests start: a program that several processes build (a runlocal train step, its
-# evaluator) compiles once (a second runlocal training run: 29 -> 15 s). A fresh directory every
-# run, so the suite costs what it costs on a clean machine.
-cache_dir="$(mktemp -d)"
-trap 'rm -rf "$cache_dir"' EXIT
-export JAX_COMPILATION_CACHE_DIR="$cache_dir"
-export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 python -m pytest -q -x -n "${MTL_GBML_TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"
