@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from mtl_gbml import algorithms, base_config, models
+from mtl_gbml import algorithms, base_config, models, xla_cache
 from mtl_gbml.algorithms.base import Algorithm
 from mtl_gbml.config_validation import split_facts
 
@@ -29,6 +29,7 @@ class LoadedRun:
 def load_run(workdir: str, use_best: bool | None = None) -> LoadedRun:
     """The run in ``workdir`` at its latest checkpoint (best-validation parameters by default,
     as the final evaluation uses them when validation ran)."""
+    xla_cache.guard()  # before anything compiles
     cfg_path = os.path.join(workdir, "config.json")
     ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
     if not os.path.exists(cfg_path):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mtl_gbml import algorithms, models, optim, parallel
+from mtl_gbml import algorithms, models, optim, parallel, xla_cache
 from mtl_gbml.checkpointing import Checkpointer
 from mtl_gbml.config_validation import ConfigError, validate
 from mtl_gbml.data import datasets
@@ -166,6 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint), evaluate, write results."""
     parallel.initialize(config.get("parallel"))  # before anything touches the devices
     validate(config)  # before anything loads or compiles
+    xla_cache.guard()  # before anything compiles
     os.makedirs(workdir, exist_ok=True)
     _check_config_matches(workdir, config)
     t_start = time.time()
