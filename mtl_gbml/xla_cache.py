@@ -5,9 +5,11 @@ from the persistent compilation cache (``JAX_COMPILATION_CACHE_DIR`` /
 ``jax_compilation_cache_dir``) runs its ``lax.while_loop`` zero times: the evaluator's
 logistic-regression fit returns its initial zeros and takes 0 steps, so every episode is at chance
 (found when the test suite ran with a shared cache: a rerun's 5w1s accuracy was exactly 20.00%;
-``tests/test_xla_cache.py`` reproduces the cached fit). The chunked first block and MAML's inner
-loop are loops too, so training could go wrong the same way. The entry points call ``guard`` before
-they compile anything: on CPU it turns the cache off for the process and says so.
+``tests/test_xla_cache.py`` reproduces the cached fit). In the same check a cached runlocal
+training run still reached the uncached run's parameters, but training programs hold loops too
+(the chunked first block, MAML's inner steps), so nothing loaded from the cache is trusted: the
+entry points (``train.train_and_evaluate``, ``run_loading.load_run``) call ``guard`` before they
+compile anything, and on CPU it turns the cache off for the process and says so.
 """
 
 from __future__ import annotations
