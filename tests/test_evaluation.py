@@ -78,7 +78,8 @@ def test_episode_chunk_keeps_the_gathered_features_small():
     assert episode_chunk(576, 5, 1, 15) == 22  # 5w1s on 576-d features: ~4 MiB a chunk
     assert episode_chunk(576, 20, 5, 15) == 4
     assert episode_chunk(10**6, 20, 5, 15) == 1  # never zero
-    # the fit's chunks: 256 KiB of support Gram matrices and iterates per chunk
+    # the fit's chunks: 512 KiB of Gram matrices, preconditioners and iterates, at most 256
+    # episodes, in multiples of 16 (the float32 lanes of AVX-512)
     assert [fit_chunk_size(w, s) for w, s in [(5, 1), (5, 5), (20, 1)]] == [256, 48, 32]
     assert fit_chunk_size(20, 5) == 3  # fewer than 16: as computed
     assert fit_chunk_size(100, 100) == 1  # never zero
