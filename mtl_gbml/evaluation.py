@@ -78,9 +78,16 @@ def episode_features(
     """One episode over cached features [C, M, D]: support [N*K, D] and query [N*Q, D] features,
     class-major (labels ``repeat(arange(N), K)`` and ``repeat(arange(N), Q)``); the same draw as
     ``sampler.sample_task`` makes from the same rng."""
-    classes, pos = sample_indices(rng, class_counts, feats.shape[1], ways, shots + queries)
-    f = feats[classes[:, None], pos]  # [N, K+Q, D]
+    f = _episode_rows(rng, feats, class_counts, ways, shots + queries)
     return f[:, :shots].reshape(ways * shots, -1), f[:, shots:].reshape(ways * queries, -1)
+
+
+def _episode_rows(
+    rng: jax.Array, feats: jax.Array, class_counts: jax.Array, ways: int, per_class: int
+) -> jax.Array:
+    """The drawn rows [N, K+Q, D] of cached features [C, M, D], support first in each class."""
+    classes, pos = sample_indices(rng, class_counts, feats.shape[1], ways, per_class)
+    return feats[classes[:, None], pos]
 
 
 def episode_grams(
@@ -94,8 +101,7 @@ def episode_grams(
     eval_throughput.md (ms of CPU an episode, with the draw) this took 0.040/0.15/0.061 at
     5w1s/20w1s/5w5s, against 0.047/0.18/0.070 for gathering the N whole class blocks [N, M, D]
     and multiplying those (the evaluator before), and the same products to the bit."""
-    classes, pos = sample_indices(rng, class_counts, feats.shape[1], ways, shots + queries)
-    f = feats[classes[:, None], pos]  # [N, K+Q, D]
+    f = _episode_rows(rng, feats, class_counts, ways, shots + queries)
     sf = f[:, :shots].reshape(ways * shots, -1)
     products = (f.reshape(ways * (shots + queries), -1) @ sf.T).reshape(ways, shots + queries, -1)
     gs = products[:, :shots].reshape(ways * shots, ways * shots)
