@@ -64,8 +64,13 @@ def test_unguarded_cache_hit_is_what_the_guard_is_for(tmp_path):
 
 
 def test_guard_does_nothing_without_a_cache_directory():
-    if jax.config.jax_compilation_cache_dir:
-        pytest.skip("this test process runs with a compilation cache directory set")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert not __import__("mtl_gbml.xla_cache").xla_cache.guard()
+    from mtl_gbml import xla_cache
+
+    saved = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)  # whatever this process was started with
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not xla_cache.guard()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved)
