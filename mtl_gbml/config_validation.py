@@ -104,6 +104,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"algo.tasks_vmapped={vmapped} must be 0 (all tasks) or a divisor of "
             f"data.tasks_per_step={c.data.tasks_per_step}"
         )
+    if c.algorithm == "imaml":
+        if not c.algo.lam > 0:
+            raise ConfigError(f"algo.lam={c.algo.lam} must be positive (iMAML's proximal strength)")
+        for key in ("cg_steps", "cg_damping", "lam_damping"):
+            if not c.algo[key] >= 0:
+                raise ConfigError(f"algo.{key}={c.algo[key]} must be >= 0")
     if c.data.queries < 0 or c.eval.queries <= 0:
         raise ConfigError("data.queries must be >= 0 and eval.queries > 0")
     from mtl_gbml.data.sampler import AUGMENTS

@@ -47,6 +47,7 @@ def test_implicit_gradient_matches_unrolled_to_convergence():
         config.data.ways = 3
         config.algo.lam, config.algo.inner_lr, config.algo.inner_steps = lam, lr, steps
         config.algo.cg_steps, config.algo.head_init = 200, "learned"
+        config.algo.cg_damping, config.algo.lam_damping = 0.0, 0.0  # the exact implicit gradient
         model = TinyNet()
         algo = imaml.build(model, config, 10)
         tasks = random_tasks(jax.random.PRNGKey(0))
@@ -77,6 +78,67 @@ def test_implicit_gradient_matches_unrolled_to_convergence():
             lambda p: imaml.build(model, config, 10).meta_loss(p, state, tasks, key)[0]
         )(params)
         assert np.abs(flat(plain) - flat(expected)).max() > 1e-3 * np.abs(flat(expected)).max()
+
+
+@pytest.mark.parametrize("cg_damping,lam_damping", [(1.0, 10.0), (0.5, 3.0)])
+def test_damped_direction_solves_the_damped_system_built_from_the_dense_hessian(
+    cg_damping, lam_damping
+):
+    """CG's direction against numpy's dense solve of ((1 + c) I + H / (lam + d)) x = g, with H
+    the support loss's full Hessian by ``jax.hessian`` at an adapted point (float64)."""
+    from jax.flatten_util import ravel_pytree
+
+    with jax.experimental.enable_x64():
+        lam = 2.0
+        config = base_config.get_config("imaml")
+        config.data.ways, config.algo.head_init = 3, "learned"
+        model = TinyNet()
+        net = wn.Net(model, config)
+        tasks = random_tasks(jax.random.PRNGKey(3), t=1)
+        params, state = jax.tree.map(
+            lambda a: jnp.asarray(a, jnp.float64),
+            imaml.build(model, config, 10).init(jax.random.PRNGKey(4), tasks),
+        )
+        fast0 = net.initial_fast(params, state, tasks.support_x[0], 3)
+        fast0 = jax.tree.map(lambda p: p + 0.3, fast0)  # a non-zero head: curvature everywhere
+        support = lambda f: net.loss(f, state, tasks.support_x[0], tasks.support_y[0])[0]
+        phi = wn.gradient_descent(
+            lambda f, k: support(f), fast0, jax.random.PRNGKey(0), steps=20, lr=0.3,
+            prox=(lam, fast0),
+        )  # fmt: skip
+        g = jax.grad(lambda f: net.loss(f, state, tasks.query_x[0], tasks.query_y[0])[0])(phi)
+        flat_phi, unravel = ravel_pytree(phi)
+        hessian = np.asarray(jax.hessian(lambda v: support(unravel(v)))(flat_phi))
+        n = flat_phi.size
+        system = (1.0 + cg_damping) * np.eye(n) + hessian / (lam + lam_damping)
+        assert np.linalg.eigvalsh(system).min() > 0  # CG's premise: positive definite
+        expected = np.linalg.solve(system, np.asarray(ravel_pytree(g)[0]))
+        got = imaml.implicit_direction(support, g, phi, lam, 3 * n, cg_damping, lam_damping)
+        np.testing.assert_allclose(ravel_pytree(got)[0], expected, rtol=1e-6, atol=1e-9)
+        # the damping matters: the undamped solve is another vector
+        undamped = np.linalg.solve(np.eye(n) + hessian / lam, np.asarray(ravel_pytree(g)[0]))
+        assert np.abs(undamped - expected).max() > 1e-2 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("lam", 0.0, "algo.lam=0.0 must be positive"),
+        ("cg_steps", -1, "algo.cg_steps=-1 must be >= 0"),
+        ("cg_damping", -0.5, "algo.cg_damping=-0.5 must be >= 0"),
+        ("lam_damping", -1.0, "algo.lam_damping=-1.0 must be >= 0"),
+    ],
+)
+def test_bad_imaml_values_fail_before_compiling(key, value, message):
+    from conftest import load_config
+
+    from mtl_gbml.config_validation import ConfigError, validate
+
+    config = load_config("configs/omniglot/imaml.py", "runlocal")
+    config.unlock()
+    config.algo[key] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(config)
 
 
 def run_runlocal(algorithm: str, tmp_path):

@@ -7,7 +7,19 @@ through it). The meta-gradient of ``L_query(phi*(theta))`` is, by the implicit f
 ``(I + H / lam)^{-1} g`` with ``g = grad L_query(phi*)`` and ``H`` the Hessian of ``L_support`` at
 phi*; it is computed by ``cg_steps`` iterations of conjugate gradient
 (:func:`conjugate_gradient`, the iteration of ``jax.scipy.sparse.linalg.cg``) on
-Hessian-vector products (forward-over-reverse), never forming H.
+Hessian-vector products, never forming H.
+
+CG solves the damped system ``(1 + cg_damping) I + H / (lam + lam_damping)``, as the authors'
+code does (``Learner.matrix_evaluator`` in github.com/aravindr93/imaml_dev, with its Omniglot
+command's ``--cg_damping 1.0`` and the default ``lam_damping=10.0``); ``cg_damping = lam_damping
+= 0`` is the exact system above. Undamped, this project's Conv4 did not learn: on the 20-way
+1-shot ``:budget`` config the query loss stayed at 2.6 over 40 steps (query accuracy 48%), where
+the damped system and the plain query gradient (``cg_steps=0``) both brought it to 2.0 (67-68%).
+H has eigenvalues below ``-lam`` there (CG meets non-positive curvature after 2 steps at
+initialisation), and after a few steps ``I + H/lam`` is close to singular: 10 CG steps gave a
+direction 40x longer than the query gradient, nearly orthogonal to it (cosine 0.11). The damped
+direction's cosine with the gradient through the 16 unrolled inner steps was 0.72 there, the
+plain query gradient's 0.66.
 ``meta_loss`` returns a surrogate whose value is the real query loss and whose gradient is this
 direction (:func:`mtl_gbml.algorithms.whole_network.surrogate`). Test time: the same proximal GD
 from theta on the support set (``test_inner_steps``, ``test_inner_lr``).
@@ -34,6 +46,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.test_inner_steps = 16
     c.test_inner_lr = 0.1
     c.cg_steps = 5
+    # CG's system is (1 + cg_damping) I + H / (lam + lam_damping); 0 and 0 give the exact
+    # (I + H / lam). 1.0 and 10.0 are those of the authors' code (imaml_dev, see module docstring)
+    c.cg_damping = 1.0
+    c.lam_damping = 10.0
     c.tasks_vmapped = 0  # tasks per vmapped group, groups in sequence; 0 = all (see whole_network)
     c.head_init = "zeros"  # 'zeros' (per task) | 'learned' (see whole_network)
     return c
@@ -71,8 +87,17 @@ def conjugate_gradient(matvec, b, steps: int):
     return x
 
 
-def implicit_direction(support_loss, query_grad, phi, lam: float, cg_steps: int):
-    """``(I + H/lam)^{-1} query_grad`` with H the Hessian of ``support_loss`` at ``phi`` (CG).
+def implicit_direction(
+    support_loss,
+    query_grad,
+    phi,
+    lam: float,
+    cg_steps: int,
+    cg_damping: float = 0.0,
+    lam_damping: float = 0.0,
+):
+    """``((1 + cg_damping) I + H / (lam + lam_damping))^{-1} query_grad`` by CG, with H the Hessian
+    of ``support_loss`` at ``phi``; with no damping, ``(I + H/lam)^{-1} query_grad``.
 
     ``H v`` is the VJP of the gradient (H is symmetric), linearised once for all CG steps:
     reverse over reverse, so it works through reverse-mode-only layers (``jax.custom_vjp``, e.g.
@@ -80,7 +105,8 @@ def implicit_direction(support_loss, query_grad, phi, lam: float, cg_steps: int)
     _, hvp = jax.vjp(jax.grad(support_loss), phi)
 
     def matvec(v):
-        return wn.tree_add(v, hvp(v)[0], 1.0 / lam)
+        v_scaled = jax.tree.map(lambda x: (1.0 + cg_damping) * x, v)
+        return wn.tree_add(v_scaled, hvp(v)[0], 1.0 / (lam + lam_damping))
 
     return conjugate_gradient(matvec, query_grad, cg_steps)
 
@@ -106,7 +132,9 @@ def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes:
         (q_loss, (new_state, acc)), q_grad = jax.value_and_grad(net.loss, has_aux=True)(
             phi, state, qx, qy, k_query
         )
-        direction = implicit_direction(support_loss, q_grad, phi, a.lam, a.cg_steps)
+        direction = implicit_direction(
+            support_loss, q_grad, phi, a.lam, a.cg_steps, a.cg_damping, a.lam_damping
+        )
         if a.head_init != "learned":  # the zero head is not a meta-parameter
             direction = {"backbone": direction["backbone"]}
         return wn.surrogate(q_loss, direction, params), (new_state, acc)
