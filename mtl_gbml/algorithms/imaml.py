@@ -105,8 +105,8 @@ def implicit_direction(
     _, hvp = jax.vjp(jax.grad(support_loss), phi)
 
     def matvec(v):
-        v_scaled = jax.tree.map(lambda x: (1.0 + cg_damping) * x, v)
-        return wn.tree_add(v_scaled, hvp(v)[0], 1.0 / (lam + lam_damping))
+        scale = 1.0 / (lam + lam_damping)
+        return jax.tree.map(lambda x, h: (1.0 + cg_damping) * x + scale * h, v, hvp(v)[0])
 
     return conjugate_gradient(matvec, query_grad, cg_steps)
 
