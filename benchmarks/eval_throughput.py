@@ -65,7 +65,7 @@ def profile(
 
     from mtl_gbml import linear_heads
     from mtl_gbml.algorithms.base import Algorithm, l2_normalize
-    from mtl_gbml.data.sampler import sample_indices
+    from mtl_gbml.data.sampler import sample_indices, smallest_k
     from mtl_gbml.evaluation import (
         cached_episode_accuracy,
         episode_grams,
@@ -78,12 +78,19 @@ def profile(
     keys = jax.random.split(jax.random.PRNGKey(2), batch)
     table = l2_normalize(feats)
 
-    def draw_sorted(rng):  # the sampler before session 3: full argsorts (same draw)
+    def draw_sorted(rng):  # the sampler before session 3: full argsorts (top_k's draw)
         k_cls, k_img = jax.random.split(rng)
         classes = jnp.argsort(jax.random.uniform(k_cls, (n_cls,)))[:ways]
         u = jax.random.uniform(k_img, (ways, m))
         u = jnp.where(jnp.arange(m)[None, :] < counts[classes][:, None], u, 2.0)
         return classes, jnp.argsort(u, axis=1)[:, : shots + q]
+
+    def draw_top_k(rng):  # sessions 3-8: a partial selection over all classes' uniform keys
+        k_cls, k_img = jax.random.split(rng)
+        classes = smallest_k(jax.random.uniform(k_cls, (n_cls,)), ways)
+        u = jax.random.uniform(k_img, (ways, m))
+        u = jnp.where(jnp.arange(m)[None, :] < counts[classes][:, None], u, 2.0)
+        return classes, smallest_k(u, shots + q)
 
     draw = lambda rng: sample_indices(rng, counts, m, ways, shots + q)
 
@@ -127,7 +134,12 @@ def profile(
     evaluator = lambda a: cached_episode_accuracy(a, params, feats, counts, ways, shots, q, chunk)
     rows = [
         ("sample: full argsorts (before session 3)", vj(draw_sorted), (keys,)),
-        ("sample: `lax.top_k` partial selection", vj(draw), (keys,)),
+        ("sample: `lax.top_k` over every class's key (sessions 3-8)", vj(draw_top_k), (keys,)),
+        (
+            "sample: Floyd's draw of the classes (`sampler.distinct_integers`, now)",
+            vj(draw),
+            (keys,),
+        ),
         ("gather rows `feats[classes[:, None], pos]` + split", vj(gather_rows), (cls, pos)),
         (
             "memory floor: read the drawn rows once (gather fused into a sum)",

@@ -6,9 +6,11 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy.stats import chisquare
 
 from mtl_gbml.data.sampler import (
+    distinct_integers,
     make_pool,
     random_shift,
     sample_indices,
@@ -111,24 +113,40 @@ def test_smallest_k_is_the_stable_argsort_prefix():
                 )
 
 
-def _argsort_draw(rng, class_counts, max_per_class, ways, per_class):
-    """The sampler's draw written with full sorts (its first implementation)."""
-    k_cls, k_img = jax.random.split(rng)
-    classes = jnp.argsort(jax.random.uniform(k_cls, (class_counts.shape[0],)))[:ways]
-    keys = jax.random.uniform(k_img, (ways, max_per_class))
-    valid = jnp.arange(max_per_class)[None, :] < class_counts[classes][:, None]
-    pos = jnp.argsort(jnp.where(valid, keys, 2.0), axis=1)[:, :per_class]
-    return classes, pos
+def _ordered_frequencies(draws: np.ndarray, n: int, k: int) -> np.ndarray:
+    index = {t: i for i, t in enumerate(itertools.permutations(range(n), k))}
+    return np.bincount([index[tuple(d)] for d in draws], minlength=len(index))
 
 
-def test_sample_indices_draws_what_the_full_sort_drew():
-    """Same uniforms, same episode: the partial selection changed no seed's draw."""
-    counts = jnp.asarray(np.random.default_rng(1).integers(16, 21, size=1692), jnp.int32)
-    keys = jax.random.split(jax.random.PRNGKey(5), 2000)
-    draw = jax.jit(jax.vmap(lambda k: sample_indices(k, counts, 20, 5, 16)))
-    ref = jax.jit(jax.vmap(lambda k: _argsort_draw(k, counts, 20, 5, 16)))
-    for got, expect in zip(draw(keys), ref(keys), strict=True):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(expect))
+@pytest.mark.parametrize("n,k", [(6, 3), (4, 4), (7, 1), (5, 2)])
+def test_distinct_integers_every_ordered_tuple_equally_likely(n, k):
+    """Against the exact answer: each of the n!/(n-k)! ordered tuples has the same probability
+    (k = n: every permutation; small n, so Floyd's 'taken already' branch is the common one)."""
+    cells = len(list(itertools.permutations(range(n), k)))
+    keys = jax.random.split(jax.random.PRNGKey(n * 10 + k), 100 * cells)
+    draws = np.asarray(jax.jit(jax.vmap(lambda r: distinct_integers(r, n, k)))(keys))
+    assert draws.shape == (100 * cells, k) and draws.min() >= 0 and draws.max() < n
+    assert all(len(set(d)) == k for d in draws)
+    assert chisquare(_ordered_frequencies(draws, n, k)).pvalue > 1e-3
+
+
+def test_distinct_integers_at_omniglot_scale():
+    """20 of the 1,692 test classes: distinct, in range, each class drawn equally often and at
+    each of the 20 places equally often."""
+    n, k, m = 1692, 20, 4000
+    keys = jax.random.split(jax.random.PRNGKey(7), m)
+    draws = np.asarray(jax.jit(jax.vmap(lambda r: distinct_integers(r, n, k)))(keys))
+    assert all(len(set(d)) == k for d in draws) and draws.min() >= 0 and draws.max() < n
+    assert chisquare(np.bincount(draws.ravel(), minlength=n)).pvalue > 1e-3
+    # the place a class lands at: uniform over the 20 places (low classes, high classes alike)
+    for block in (draws < 100, draws >= n - 100):
+        assert chisquare(block.sum(0)).pvalue > 1e-3, block.sum(0)
+
+
+def test_distinct_integers_refuses_more_than_there_are():
+    with pytest.raises(ValueError, match="cannot draw 6 distinct integers from 5"):
+        distinct_integers(jax.random.PRNGKey(0), 5, 6)
+    assert distinct_integers(jax.random.PRNGKey(0), 5, 0).shape == (0,)
 
 
 def test_draws_are_uniform_without_replacement():

@@ -72,18 +72,34 @@ def smallest_k(keys: jax.Array, k: int) -> jax.Array:
     return jax.lax.top_k(-keys, k)[1]
 
 
+def distinct_integers(rng: jax.Array, n: int, k: int) -> jax.Array:
+    """``k`` distinct integers of [0, n), uniformly random as an ordered tuple, from ``2k`` random
+    numbers whatever ``n``: Robert Floyd's subset algorithm (for j = n-k, ..., n-1: draw t from
+    [0, j]; take j if t is taken already, else t), which draws a uniform k-subset, then a uniform
+    shuffle of it. Drawing the ``n`` uniform keys of a partial sort instead cost 1,692 threefry
+    uniforms and a ``lax.top_k`` per evaluation episode over Omniglot's test classes."""
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot draw {k} distinct integers from {n}")
+    k_int, k_perm = jax.random.split(rng)
+    t = jax.random.randint(k_int, (k,), 0, jnp.arange(n - k + 1, n + 1, dtype=jnp.int32))
+    picks = jnp.full((k,), -1, jnp.int32)
+    for i in range(k):  # k is a handful of ways: unrolled, each step one compare over k
+        taken = jnp.any(picks == t[i])
+        picks = picks.at[i].set(jnp.where(taken, n - k + i, t[i]))
+    return picks[smallest_k(jax.random.uniform(k_perm, (k,)), k)]
+
+
 def sample_indices(
     rng: jax.Array, class_counts: jax.Array, max_per_class: int, ways: int, per_class: int
 ) -> tuple[jax.Array, jax.Array]:
     """``ways`` distinct classes and ``per_class`` distinct within-class positions for each.
 
-    Both are uniform draws without replacement, in random order: the indices of the smallest of
-    i.i.d. uniform keys (padded positions get key 2, so they are never drawn while a class has
-    enough images).
+    Both are uniform draws without replacement, in random order: the classes by
+    ``distinct_integers``; the positions as the indices of the smallest of i.i.d. uniform keys
+    (padded positions get key 2, so they are never drawn while a class has enough images).
     """
     k_cls, k_img = jax.random.split(rng)
-    num_classes = class_counts.shape[0]
-    classes = smallest_k(jax.random.uniform(k_cls, (num_classes,)), ways)
+    classes = distinct_integers(k_cls, class_counts.shape[0], ways)
     keys = jax.random.uniform(k_img, (ways, max_per_class))
     valid = jnp.arange(max_per_class)[None, :] < class_counts[classes][:, None]
     keys = jnp.where(valid, keys, 2.0)
