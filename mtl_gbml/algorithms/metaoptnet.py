@@ -47,8 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.cg_steps = 50  # conjugate-gradient iterations of the implicit backward pass
     # Logit scale, meta-learned as its logarithm. MetaOptNet's code starts it at 1 but trains it
     # directly with SGD at lr 0.1 (momentum 0.9), where it moves fast; with our Adam 1e-3 on its
-    # logarithm it moves ~1e-3 a step (1 -> 2.07 in 675 steps of the 20w1s budget run), the
-    # softmax stays nearly flat (query loss 1.9 at 69% training accuracy) and learning is slow.
+    # logarithm it moves ~1e-3 a step (1 -> 2.07 in 676 steps of the 20w1s budget run), the
+    # softmax stays nearly flat (query loss 2.04 at 69% training accuracy, step 100) and
+    # learning is slow.
     # Started at 10, as R2D2's: 65.7 -> 83.4% 20w1s validation at step 150 of the same run,
     # paired, same seed (configs/omniglot/metaoptnet.py:budget).
     c.init_scale = 10.0
