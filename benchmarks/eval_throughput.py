@@ -78,19 +78,18 @@ def profile(
     keys = jax.random.split(jax.random.PRNGKey(2), batch)
     table = l2_normalize(feats)
 
-    def draw_sorted(rng):  # the sampler before session 3: full argsorts (top_k's draw)
-        k_cls, k_img = jax.random.split(rng)
-        classes = jnp.argsort(jax.random.uniform(k_cls, (n_cls,)))[:ways]
-        u = jax.random.uniform(k_img, (ways, m))
-        u = jnp.where(jnp.arange(m)[None, :] < counts[classes][:, None], u, 2.0)
-        return classes, jnp.argsort(u, axis=1)[:, : shots + q]
+    def keyed_draw(select):  # the sampler before session 9: one uniform key per class
+        def draw_(rng):
+            k_cls, k_img = jax.random.split(rng)
+            classes = select(jax.random.uniform(k_cls, (n_cls,)), ways)
+            u = jax.random.uniform(k_img, (ways, m))
+            u = jnp.where(jnp.arange(m)[None, :] < counts[classes][:, None], u, 2.0)
+            return classes, select(u, shots + q)
 
-    def draw_top_k(rng):  # sessions 3-8: a partial selection over all classes' uniform keys
-        k_cls, k_img = jax.random.split(rng)
-        classes = smallest_k(jax.random.uniform(k_cls, (n_cls,)), ways)
-        u = jax.random.uniform(k_img, (ways, m))
-        u = jnp.where(jnp.arange(m)[None, :] < counts[classes][:, None], u, 2.0)
-        return classes, smallest_k(u, shots + q)
+        return draw_
+
+    draw_sorted = keyed_draw(lambda u, k: jnp.argsort(u, axis=-1)[..., :k])  # before session 3
+    draw_top_k = keyed_draw(smallest_k)  # sessions 3-8: the same draw by a partial selection
 
     draw = lambda rng: sample_indices(rng, counts, m, ways, shots + q)
 
