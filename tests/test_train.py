@@ -101,6 +101,69 @@ def test_resume_with_a_different_config_is_refused(finished_run):
         train.train_and_evaluate(config, workdir)
 
 
+def _saved(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def test_config_differences_compare_keys_missing_from_a_saved_config_at_their_old_values():
+    """A run saved before iMAML's CG damping keys existed ran undamped: resuming it with the
+    damped defaults is a difference, resuming with both at 0 is not. A missing key with no
+    recorded old value is a difference; eval and parallel keys never are."""
+    config = load_config("configs/omniglot/imaml.py")
+    old = _saved(config)
+    del old["algo"]["cg_damping"], old["algo"]["lam_damping"]
+    diffs = train.config_differences(old, _saved(config))
+    assert [d.split(":")[0] for d in diffs] == ["algo.cg_damping", "algo.lam_damping"]
+    assert "0.0 (the code's value before the key existed) -> 1.0" in diffs[0]
+    config.unlock()
+    config.algo.cg_damping = config.algo.lam_damping = 0.0
+    assert train.config_differences(old, _saved(config)) == []
+
+    old = _saved(config)
+    del old["train"]["val_extra_settings"]  # [] before the key: the default, no difference
+    old["eval"]["episodes"] += 1
+    old["parallel"]["shard_head"] = not old["parallel"]["shard_head"]
+    assert train.config_differences(old, _saved(config)) == []
+    del old["algo"]["cg_steps"]  # never optional: its old value is unknown
+    assert train.config_differences(old, _saved(config)) == [
+        f"algo.cg_steps: not in the saved config (added since; its old value unknown), now "
+        f"{config.algo.cg_steps!r}"
+    ]
+    old = _saved(config)
+    old["algo"]["retired_key"] = 3
+    assert train.config_differences(old, _saved(config)) == [
+        "algo.retired_key: 3 in the saved config, no longer a key"
+    ]
+
+
+def test_resume_of_a_run_saved_without_a_new_key_is_refused_and_names_it(tmp_path):
+    config = load_config("configs/omniglot/imaml.py")
+    old = _saved(config)
+    del old["algo"]["lam_damping"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match=r"algo\.lam_damping: 0\.0 .* -> 10\.0"):
+        train._check_config_matches(str(tmp_path), config)
+    assert json.loads((tmp_path / "config.json").read_text()) == old  # the saved config is kept
+
+
+def test_every_config_key_is_known_or_has_its_old_value():
+    """A key added to an algorithm's config must come with ``train.LEGACY_VALUES``: the value the
+    code used before it, so runs saved without it resume only under the same settings.
+    ``tests/config_keys.json`` holds the keys as of 2026-12-03 (all entries checked in git
+    history then); a key in neither fails here."""
+    from mtl_gbml import algorithms, base_config
+
+    known = json.load(open(ROOT / "tests" / "config_keys.json"))
+    assert set(known) == set(algorithms.NAMES)
+    for name in algorithms.NAMES:
+        keys = set(train._flatten(_saved(base_config.get_config(name))))
+        new = {k for k in keys - set(known[name]) if k.split(".")[0] not in ("eval", "parallel")}
+        assert new <= set(train.LEGACY_VALUES), (
+            f"{name}: config keys {sorted(new - set(train.LEGACY_VALUES))} are new; add each to "
+            "train.LEGACY_VALUES with the value the code used before it"
+        )
+
+
 def test_a_run_compiles_each_program_once(finished_run):
     """4 steps with a log and a validation after steps 2 and 4, which replace bookkeeping scalars
     of the state: the step must not recompile for them (it did when they were uncommitted), nor
