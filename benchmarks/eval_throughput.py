@@ -3,7 +3,7 @@ regression) against the official recipe (scikit-learn ``LogisticRegression(C=3, 
 max_iter=1000)`` fitted per episode in a Python loop), on the same cached features and episodes.
 
 python benchmarks/eval_throughput.py [--run /work/runs/mtl_quick] [--setting 5w1s]
-    [--episodes 10000] [--sklearn_episodes 500] [--chunk N] [--name eval_throughput]
+    [--episodes 10000] [--sklearn_episodes 500] [--chunk N] [--cpus 0] [--name eval_throughput]
 
 Features: the trained MTL run's backbone if ``--run`` holds checkpoints (loaded with
 ``mtl_gbml.run_loading.load_run``; ``python -m mtl_gbml.train --config configs/omniglot/mtl.py:quick
@@ -206,11 +206,18 @@ def main() -> None:
     ap.add_argument("--split", default="test")
     ap.add_argument("--chunk", type=int, default=0, help="episodes per vmapped chunk; 0: default")
     ap.add_argument(
+        "--cpus",
+        default="",
+        help="comma-separated CPUs to pin this process (both learners) to, e.g. 0; default: all",
+    )
+    ap.add_argument(
         "--name",
         default="eval_throughput",
         help="results file name (other settings: e.g. eval_throughput_20w1s)",
     )
     args = ap.parse_args()
+    if args.cpus:  # before JAX starts its threads
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     os.environ.setdefault("MTL_GBML_DATA_DIR", "/work/shared/data")
     os.environ.setdefault("TFDS_DATA_DIR", "/tmp/tfds")
 
@@ -392,7 +399,13 @@ def main() -> None:
         f"{out['sklearn_lbfgs_iterations']['mean']:.1f}, max {out['sklearn_lbfgs_iterations']['max']}"
         "): its cost, so the ratio, depends on the features.",
         "",
-        f"Pinned to CPU(s) {out['cpu_affinity']} of {os.cpu_count()}. Other processes using "
+        f"Both learners ran on CPU(s) {out['cpu_affinity']} of {os.cpu_count()} "
+        + (
+            "(pinned by --cpus)"
+            if args.cpus
+            else "(not pinned: the JAX evaluator may use every core, scikit-learn's loop uses one)"
+        )
+        + ". Other processes using "
         "CPU (ps, >=10%) before: "
         + ("; ".join(busy_before) or "none")
         + ". After: "
