@@ -403,7 +403,7 @@ def main() -> None:
         + (
             "(pinned by --cpus)"
             if args.cpus
-            else "(not pinned: the JAX evaluator may use every core, scikit-learn's loop uses one)"
+            else "(not pinned: XLA's and numpy's thread pools may use every core)"
         )
         + ". Other processes using "
         "CPU (ps, >=10%) before: "

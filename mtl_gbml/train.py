@@ -21,6 +21,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtl_gbml import algorithms, models, optim, parallel, xla_cache
@@ -126,14 +127,9 @@ _UNCHECKED_SECTIONS = ("eval", "parallel")  # neither changes the trained parame
 _ABSENT = object()
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def _flatten(tree: dict) -> dict[str, Any]:
+    """``{"a.b": value}``; an empty section stays a key of its own."""
+    return traverse_util.flatten_dict(tree, keep_empty_nodes=True, sep=".")
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
