@@ -18,11 +18,12 @@ from conftest import ROOT
 
 CONFIG = "configs/omniglot/mtl.py:runlocal"
 # 8 tasks split over 1, 2, 4 or 8 devices; no validation, and the final evaluation at 5w1s only
-# (the tests compare training; runlocal's second setting, 20w1s, cost ~5 s of each run). Plain SGD with a small rate, not Adam:
-# Adam's first updates are about lr * g / |g| elementwise, so a gradient that is pure rounding noise
-# (the conv biases before BatchNorm have gradient 0 in exact arithmetic) moves by up to lr whatever
-# the reduction order. Measured (1 vs 8 devices, this config): step-1 losses equal, parameters
-# within 4e-5 after one step and 1e-4 after three, losses within 3e-5 relative.
+# (the tests compare training; runlocal's second setting, 20w1s, cost ~5 s of each run).
+# Plain SGD with a small rate, not Adam: Adam's first updates are about lr * g / |g| elementwise,
+# so a gradient that is pure rounding noise (the conv biases before BatchNorm have gradient 0 in
+# exact arithmetic) moves by up to lr whatever the reduction order. Measured (1 vs 8 devices,
+# this config): step-1 losses equal, parameters within 4e-5 after one step and 1e-4 after three,
+# losses within 3e-5 relative.
 COMMON = (
     "--config.data.tasks_per_step=8",
     "--config.optimizer.name=sgd",
