@@ -1,11 +1,13 @@
 """Assemble benchmarks/results/README_SECTION.md (the README's "Performance" section) from the
-benchmark markdown files in benchmarks/results/.
+benchmark markdown files in benchmarks/results/, and put it in README.md in place of the section
+there (from "## Performance" to the next "## " heading).
 
-python benchmarks/readme_section.py
+python benchmarks/readme_section.py [--no_readme]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -42,7 +44,21 @@ def demote(lines: list[str]) -> list[str]:
     return out
 
 
+def splice(readme: str, section: str) -> str:
+    """``readme`` with its "## Performance" section (up to the next level-2 heading) replaced by
+    ``section``."""
+    start = readme.find("\n## Performance\n")
+    if start < 0:
+        raise SystemExit("README.md has no '## Performance' section to replace")
+    end = readme.find("\n## ", start + 1)
+    end = len(readme) if end < 0 else end
+    return readme[: start + 1] + section.rstrip("\n") + "\n" + readme[end:]
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--no_readme", action="store_true", help="write README_SECTION.md only")
+    args = ap.parse_args()
     md = [
         "## Performance",
         "",
@@ -70,7 +86,15 @@ def main() -> None:
         ]
         md += ["#" + ln if ln.startswith("## ") else ln for ln in demote(lines)]
         md.append("")
-    C.write_md("README_SECTION", md)
+    path = C.write_md("README_SECTION", md)
+    if not args.no_readme:
+        readme = os.path.join(C.ROOT, "README.md")
+        with open(readme) as f:
+            text = f.read()
+        with open(path) as f:
+            text = splice(text, f.read())
+        with open(readme, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":
