@@ -18,7 +18,7 @@ CONFIG = "configs/omniglot/mtl.py"
 OVERRIDES = [
     "--config.train.steps=120",
     "--config.checkpoint.every=5",
-    "--config.train.eval_every=40",
+    "--config.train.eval_every=20",
     "--config.train.log_every=5",
     "--config.eval.settings=('5w1s',)",  # runlocal's 20w1s too would add ~5 s to each of 5 runs
 ]
@@ -47,7 +47,14 @@ def _finish(proc) -> str:
     return text
 
 
-def _interrupt(workdir, sig, after_step=10):
+# Interrupted once a checkpoint after the first validation (step 20) exists: the resumed run must
+# bring back the best-validation parameters, accuracy and step from the checkpoint, not only the
+# weights. The reference run's best validation is step 20's, so a resume that lost it evaluates
+# other parameters (checked: resetting best_val after the restore fails on evaluated_params).
+AFTER_STEP = 25
+
+
+def _interrupt(workdir, sig, after_step=AFTER_STEP):
     """Start a run and send ``sig`` once a checkpoint at ``after_step`` or later exists."""
     proc = _cli(workdir)
     ckpt = workdir / "checkpoints"
@@ -66,16 +73,22 @@ def _interrupt(workdir, sig, after_step=10):
 def reference(tmp_path_factory, data_dir):
     workdir = tmp_path_factory.mktemp("reference")
     _finish(_cli(workdir))
+    best = json.load(open(workdir / "results.json"))["train"]["evaluated_params"]
+    assert best.startswith("best validation (step 20,"), (
+        f"{best}: the interrupted runs resume after step 20 and test its restore only if step 20's "
+        "validation stays the best; move AFTER_STEP past the reference run's best step"
+    )
     return workdir
 
 
 def _same_run(a, b):
     ra, rb = (json.load(open(d / "results.json")) for d in (a, b))
-    assert ra["train"]["params_digest"] == rb["train"]["params_digest"]
+    for key in ("params_digest", "evaluated_params", "steps", "skipped_steps"):
+        assert ra["train"][key] == rb["train"][key], key
     assert ra["eval"] == rb["eval"]
     ma, mb = ([json.loads(x) for x in open(d / "metrics.jsonl")] for d in (a, b))
-    assert [m["step"] for m in ma] == [m["step"] for m in mb]
-    assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
+    for key in ("step", "loss", "val_accuracy"):
+        assert [m.get(key) for m in ma] == [m.get(key) for m in mb], key
 
 
 def test_sigkill_and_a_torn_checkpoint_write_then_resume_matches(reference, tmp_path):
@@ -87,6 +100,7 @@ def test_sigkill_and_a_torn_checkpoint_write_then_resume_matches(reference, tmp_
     assert not (tmp_path / "results.json").exists()
     ckpt = tmp_path / "checkpoints"
     latest = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
+    assert latest >= AFTER_STEP
     torn = ckpt / f"{latest + 5}.orbax-checkpoint-tmp-1234567"
     shutil.copytree(ckpt / str(latest), torn)
     for root, _, files in os.walk(torn):
