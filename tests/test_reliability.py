@@ -163,3 +163,41 @@ def test_seeds_fix_episodes_and_accuracy(reference):
     c = evaluate_workdir(run, [(5, 1)], episodes=40, split="val", seed=1)["eval"]
     assert a == b
     assert a["5way1shot"]["accuracy"] != c["5way1shot"]["accuracy"]
+
+
+def test_the_test_accuracies_are_those_of_the_best_validation_parameters(reference):
+    """results.json's test accuracies, recomputed in this process from the checkpoint with the
+    run's own test key, are those of the best-validation parameters (step 20), not the final ones
+    (step 120), which give others."""
+    import jax
+
+    from mtl_gbml.data import datasets
+    from mtl_gbml.evaluation import evaluate, parse_setting
+    from mtl_gbml.run_loading import load_run
+
+    saved = json.load(open(reference / "results.json"))["eval"]
+    best, final = load_run(str(reference)), load_run(str(reference), use_best=False)
+    assert best.which == "best validation (step 20)" and final.step == 120
+    c = best.config
+    k_test = jax.random.split(jax.random.PRNGKey(c.seed), 4)[
+        3
+    ]  # train.py's (init, train, val, test)
+    pool = datasets.load_pool(c.data, c.eval.split)
+
+    def accuracies(run):
+        res = evaluate(
+            run.algorithm,
+            run.params,
+            run.state,
+            pool,
+            [parse_setting(s) for s in c.eval.settings],
+            episodes=c.eval.episodes,
+            queries=c.eval.queries,
+            batch=c.eval.batch,
+            rng=k_test,
+            bn_mode=c.model.bn_mode,
+        )
+        return {k: v["accuracy"] for k, v in res.items()}
+
+    assert accuracies(best) == {k: v["accuracy"] for k, v in saved.items()}
+    assert accuracies(final) != accuracies(best)
