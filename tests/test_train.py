@@ -177,6 +177,32 @@ def test_a_run_compiles_each_program_once(finished_run):
     assert compiles["_cached_batch"] == 3
 
 
+def test_time_budget_stops_after_the_crossing_step_and_a_rerun_only_evaluates(
+    tmp_path, data_dir, capsys
+):
+    """train.time_budget_s (the time-to-accuracy benchmark's equal budget): the step that crosses
+    it is the last, logged, validated and checkpointed. The first step's compilation alone
+    crosses a budget of 1 us, so the run stops at step 1 of 4. Rerun with the budget spent, it
+    restores step 1 and evaluates only: same parameters, same test accuracies."""
+    config = load_config(CONFIG, "runlocal")
+    config.unlock()
+    config.train.time_budget_s = 1e-6
+    config.eval.settings = ("5w1s",)
+    first = train.train_and_evaluate(config, str(tmp_path))
+    assert "Time budget train.time_budget_s=1e-06 reached at step 1." in capsys.readouterr().out
+    assert (first["train"]["steps"], first["train"]["planned_steps"]) == (1, 4)
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [x["step"] for x in lines] == [1] and "val_accuracy" in lines[0]
+    assert sorted(d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == ["1"]
+    again = train.train_and_evaluate(config, str(tmp_path))
+    out = capsys.readouterr().out
+    assert "Resumed from checkpoint at step 1" in out and "reached at step" not in out
+    assert again["train"]["steps"] == 1
+    assert again["train"]["params_digest"] == first["train"]["params_digest"]
+    assert again["eval"] == first["eval"]
+    assert [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")] == [1]
+
+
 def test_train_step_compiles_once(data_dir):
     from mtl_gbml import algorithms, models, optim
     from mtl_gbml.data import datasets
