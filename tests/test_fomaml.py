@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from adaptation_reference import check_adapt_and_predict
 
 from mtl_gbml import base_config, models
 from mtl_gbml.algorithms import fomaml, maml
@@ -94,3 +95,10 @@ def run_runlocal(algorithm: str, tmp_path):
 
 def test_runlocal_trains_and_evaluates(tmp_path):
     run_runlocal("fomaml", tmp_path)
+
+
+def test_test_time_adaptation_is_a_plain_loop_of_gradient_steps():
+    """adapt_and_predict with test_inner_steps/test_inner_lr (not the training ones), for a
+    zero and a meta-learned head and both BatchNorm modes, against a Python loop over
+    models.forward (tests/adaptation_reference.py)."""
+    check_adapt_and_predict("fomaml", whole=True)

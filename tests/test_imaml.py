@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from adaptation_reference import check_adapt_and_predict
 
 from mtl_gbml import base_config
 from mtl_gbml.algorithms import imaml
@@ -183,3 +184,10 @@ def test_conjugate_gradient_solves_spd_and_stays_finite_on_negative_curvature():
     assert np.all(np.isfinite(x["v"]))
     y = conjugate_gradient(lambda v: {"v": jnp.asarray(indefinite) @ v["v"]}, {"v": jnp.ones(6)}, 5)
     assert np.all(np.isfinite(y["v"]))
+
+
+def test_test_time_adaptation_is_a_plain_loop_of_gradient_steps():
+    """adapt_and_predict with test_inner_steps/test_inner_lr (not the training ones) (plus lam/2 ||fast - start||^2), for a
+    zero and a meta-learned head and both BatchNorm modes, against a Python loop over
+    models.forward (tests/adaptation_reference.py)."""
+    check_adapt_and_predict("imaml", whole=True, lam=2.0)
