@@ -1,6 +1,8 @@
 """The cached-feature evaluator: its episodes are the sampler's, and chunking the vmap over episodes
 changes no episode's result."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,14 +11,16 @@ from conftest import load_config
 
 from mtl_gbml import algorithms, linear_heads, models
 from mtl_gbml.algorithms.base import Algorithm, l2_normalize
-from mtl_gbml.data.sampler import make_pool, sample_task
+from mtl_gbml.data.sampler import make_pool, sample_task, to_float
 from mtl_gbml.evaluation import (
     cached_episode_accuracy,
     episode_chunk,
     episode_features,
     episode_grams,
+    evaluate,
     fit_chunk_size,
     map_chunks,
+    summarize,
     uses_gram,
 )
 
@@ -140,3 +144,86 @@ def test_map_chunks_is_the_whole_batch_in_pieces():
         )
         full = 23 - 23 % min(size, 23)
         assert seen == ([min(size, 23)] if full else []) + ([23 - full] if full < 23 else [])
+
+
+def test_summarize_is_the_mean_and_the_normal_95_percent_interval():
+    # 100, 0, 100, 0, 100: mean 60, sample variance (3 * 40^2 + 2 * 60^2) / 4 = 3000
+    s = summarize(np.array([1.0, 0.0, 1.0, 0.0, 1.0]))
+    assert s["accuracy"] == pytest.approx(60.0) and s["episodes"] == 5
+    assert s["ci95"] == pytest.approx(1.96 * math.sqrt(3000) / math.sqrt(5))
+    assert math.isnan(summarize(np.array([0.5]))["ci95"])
+
+
+def _id_pool():
+    """8 classes of 6-9 images whose one pixel is the image's id (0..58), and the id -> class."""
+    counts = [6, 9, 7, 8, 6, 9, 6, 7]
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(counts)])
+    images = np.arange(len(labels), dtype=np.uint8).reshape(-1, 1, 1, 1)
+    return make_pool(images, labels), jnp.asarray(labels)
+
+
+def _embed(params, state, x):  # the image id, as a 1-d feature
+    return x.reshape(x.shape[0], -1)
+
+
+def _nearest_head(params, support_f, support_y, query_f, ways):
+    """Each class's logit: minus the id distance to its nearest support image, ties to the lower
+    id, in small integers (exact whatever the rounding of a fused or vmapped program)."""
+    q, sup = (jnp.round(f[:, 0] * 255) for f in (query_f, support_f))
+    d = -(2 * jnp.abs(q[:, None] - sup[None, :]) + (sup[None, :] > q[:, None]))  # [Q, S]
+    mine = jax.nn.one_hot(support_y, ways).T.astype(bool)  # [ways, S]
+    return jnp.where(mine[None], d[:, None, :], -jnp.inf).max(-1)
+
+
+def test_evaluate_is_its_episodes_one_at_a_time():
+    """evaluate(): for setting i and batch j, the episodes of split(fold_in(fold_in(rng, i), j),
+    size), each drawn by sample_task and fitted on its own; the last batch partial. Checked
+    against that loop, so a batch that reused another's episodes, a wrong batch size or a summary
+    of other episodes would show."""
+    pool, _ = _id_pool()
+    algo = Algorithm("stub", None, None, None, True, _embed, _nearest_head)
+    rng, settings, episodes, batch, queries = jax.random.PRNGKey(5), [(4, 1), (3, 2)], 7, 3, 2
+    got = evaluate(
+        algo, None, None, pool, settings, episodes=episodes, queries=queries, batch=batch,
+        rng=rng, bn_mode="inductive",
+    )  # fmt: skip
+    head = jax.jit(_nearest_head, static_argnums=4)
+    for i, (ways, shots) in enumerate(settings):
+        accs = []
+        for j, start in enumerate(range(0, episodes, batch)):
+            keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(rng, i), j), 3)
+            for k in keys[: min(batch, episodes - start)]:
+                t = sample_task(pool, k, ways, shots, queries)
+                sf, qf = (_embed(None, None, to_float(x)) for x in (t.support_x, t.query_x))
+                logits = head(None, sf, t.support_y, qf, ways)
+                accs.append(float(jnp.mean(logits.argmax(-1) == t.query_y)))
+        assert len(set(accs)) > 1  # the episodes differ, so a repeated batch would show
+        want = summarize(np.array(accs))
+        assert got[f"{ways}way{shots}shot"] == pytest.approx(want, rel=1e-6)
+
+
+def test_a_transductive_frozen_backbone_is_evaluated_episode_by_episode():
+    """Cached features are inductive ones (running statistics); under bn_mode='transductive' a
+    frozen-backbone algorithm must be evaluated by its adapt_and_predict on each episode. Here
+    adapt_and_predict is right on every query (it reads the classes from the image ids) and the
+    cached-feature head never is better than chance."""
+    pool, label_of = _id_pool()
+
+    def ids(x):
+        return jnp.round(x.reshape(x.shape[0]) * 255).astype(jnp.int32)
+
+    def adapt_and_predict(params, state, support_x, support_y, query_x, ways, rng=None):
+        same = label_of[ids(query_x)][:, None] == label_of[ids(support_x)][None, :]
+        return same.astype(jnp.float32) @ jax.nn.one_hot(support_y, ways)
+
+    def blind_head(params, support_f, support_y, query_f, ways):
+        return jnp.zeros((query_f.shape[0], ways))
+
+    algo = Algorithm("stub", None, None, adapt_and_predict, True, _embed, blind_head)
+    kw = dict(episodes=6, queries=2, batch=4, rng=jax.random.PRNGKey(0))
+    assert evaluate(algo, None, None, pool, [(4, 1)], bn_mode="transductive", **kw)["4way1shot"][
+        "accuracy"
+    ] == pytest.approx(100.0)
+    assert evaluate(algo, None, None, pool, [(4, 1)], bn_mode="inductive", **kw)["4way1shot"][
+        "accuracy"
+    ] == pytest.approx(25.0)
