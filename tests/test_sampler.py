@@ -1,5 +1,5 @@
-"""Episode sampler: fixed shapes, determinism in rng, label -> class bijection, rotations, and
-uniform draws without replacement."""
+"""Episode sampler: fixed shapes, determinism in rng, label -> class bijection, rotations,
+uniform draws without replacement, and the augmentations (shift offsets, left-right flips)."""
 
 import itertools
 
@@ -10,8 +10,11 @@ import pytest
 from scipy.stats import chisquare
 
 from mtl_gbml.data.sampler import (
+    Tasks,
     distinct_integers,
     make_pool,
+    prepare_tasks,
+    random_flip,
     random_shift,
     sample_indices,
     sample_tasks,
@@ -95,6 +98,49 @@ def test_random_shift_is_a_translation():
     assert float(y.sum()) == 4.0  # the centre pixel moved, nothing was lost
     pos = np.argwhere(np.asarray(y[..., 0]) == 1.0)[:, 1:]
     assert np.all(np.abs(pos - 5) <= 2)
+
+
+def test_random_shift_draws_every_offset_up_to_max_shift_uniformly():
+    x = jnp.zeros((2500, 10, 10, 1)).at[:, 5, 5, 0].set(1.0)
+    y = np.asarray(random_shift(jax.random.PRNGKey(1), x, 2)[..., 0])
+    pos = np.argwhere(y == 1.0)
+    assert len(pos) == len(x)  # one marker per image, inside it
+    offsets = (pos[:, 1] - 5 + 2) * 5 + (pos[:, 2] - 5 + 2)  # (dy, dx) in [-2, 2]^2 -> 0..24
+    counts = np.bincount(offsets, minlength=25)
+    assert len(counts) == 25 and counts.min() > 0
+    assert chisquare(counts).pvalue > 1e-3
+
+
+def _marked(n, h=4, w=6):
+    """uint8 images [n, h, w, 1], each marked at row 1, column 0."""
+    return jnp.zeros((n, h, w, 1), jnp.uint8).at[:, 1, 0, 0].set(255)
+
+
+def _mirrored(x):
+    """Per image: True if the row-1 marker sits at the right edge, False at the left; anything
+    else (another row: a vertical flip) fails."""
+    x = np.asarray(x[..., 0])
+    left, right = x[:, 1, 0] > 0, x[:, 1, -1] > 0
+    assert np.all(left ^ right) and x.sum() == x[:, 1].sum(), "marker left row 1 or vanished"
+    return right
+
+
+def test_random_flip_mirrors_left_right_about_half_the_images():
+    flipped = _mirrored(random_flip(jax.random.PRNGKey(0), _marked(400)))
+    assert 0.4 < flipped.mean() < 0.6  # binomial(400, 1/2): sd 0.025
+
+
+def test_crop_flip_augments_support_and_query_images_alike():
+    x = _marked(200).reshape(2, 100, 4, 6, 1)  # two tasks of 100 images
+    y = jnp.zeros((2, 100), jnp.int32)
+    tasks = Tasks(x, y, x, y, jnp.zeros((2, 1), jnp.int32))
+    out = prepare_tasks(tasks, jax.random.PRNGKey(3), "crop_flip", 0)
+    flips = {}
+    for name in ("support_x", "query_x"):
+        flips[name] = _mirrored(getattr(out, name).reshape(200, 4, 6, 1))
+        assert 0.35 < flips[name].mean() < 0.65, name  # binomial(200, 1/2): sd 0.035
+    # the same images in both sets, flipped independently (one key for both would match them)
+    assert not np.array_equal(flips["support_x"], flips["query_x"])
 
 
 def test_smallest_k_is_the_stable_argsort_prefix():
