@@ -64,6 +64,32 @@ def test_meta_gradient_reaches_lambda_scale_and_backbone():
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["backbone"])) > 0
 
 
+def test_initial_values_and_a_fixed_lambda():
+    """lambda and the scale start at init_lambda / init_scale; learn_lambda=False leaves lambda's
+    gradient exactly zero while the scale and the backbone still learn."""
+    from adaptation_reference import BatchNormNet
+
+    config = base_config.get_config("r2d2")
+    config.data.ways = 3
+    config.algo.init_lambda, config.algo.init_scale, config.algo.learn_lambda = 0.7, 3.0, False
+    algo = r2d2.build(BatchNormNet(), config, 10)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    tasks = Tasks(
+        jax.random.normal(k1, (2, 6, 4, 4, 1)),
+        jnp.tile(jnp.repeat(jnp.arange(3), 2), (2, 1)),
+        jax.random.normal(k2, (2, 6, 4, 4, 1)),
+        jnp.tile(jnp.repeat(jnp.arange(3), 2), (2, 1)),
+        jnp.tile(jnp.arange(3), (2, 1)),
+    )
+    params, state = algo.init(jax.random.PRNGKey(1), tasks)
+    assert float(jnp.exp(params["r2d2"]["log_lambda"])) == pytest.approx(0.7)
+    assert float(jnp.exp(params["r2d2"]["log_scale"])) == pytest.approx(3.0)
+    grads = jax.grad(lambda p: algo.meta_loss(p, state, tasks, jax.random.PRNGKey(2))[0])(params)
+    assert float(grads["r2d2"]["log_lambda"]) == 0.0
+    assert abs(float(grads["r2d2"]["log_scale"])) > 0
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["backbone"])) > 0
+
+
 def run_runlocal(algorithm: str, tmp_path):
     """Train and evaluate configs/omniglot/<algorithm>.py:runlocal end to end."""
     if not os.environ.get("MTL_GBML_DATA_DIR"):
