@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from adaptation_reference import check_adapt_and_predict
+from task_mean_reference import check_meta_loss_is_the_mean_over_tasks
 
 from mtl_gbml import base_config
 from mtl_gbml.algorithms import imaml
@@ -191,3 +192,17 @@ def test_test_time_adaptation_is_a_plain_loop_of_gradient_steps():
     zero and a meta-learned head and both BatchNorm modes, against a Python loop over
     models.forward (tests/adaptation_reference.py)."""
     check_adapt_and_predict("imaml", whole=True, lam=2.0)
+
+
+def test_meta_loss_state_and_gradient_are_the_means_over_tasks():
+    config = base_config.get_config("imaml")
+    config.data.ways = 3
+    config.algo.inner_steps, config.algo.inner_lr = 3, 0.2
+    algo = imaml.build(TinyNet(), config, 10)
+    with jax.experimental.enable_x64():  # random_tasks draws float64
+        tasks = random_tasks(jax.random.PRNGKey(3), t=3)
+    tasks = jax.tree.map(
+        lambda a: np.asarray(a, np.float32 if a.dtype.kind == "f" else np.int32), tasks
+    )
+    params, state = algo.init(jax.random.PRNGKey(4), tasks)
+    check_meta_loss_is_the_mean_over_tasks(algo, params, state, tasks, jax.random.PRNGKey(5))
