@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import numpy as np
+
+from mtl_gbml import base_config
 
 
 def _flat(tree):
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
-def check_meta_loss_is_the_mean_over_tasks(algo, params, state, tasks, key) -> None:
-    """meta_loss over T tasks: its loss, gradient and new BatchNorm state are the means of those
-    of the T one-task batches (a Python loop), and the state moved."""
+def check_meta_loss_is_the_mean_over_tasks(algorithm: str, model, tasks) -> None:
+    """``algorithm`` built on ``model`` (3 ways, 3 inner steps of 0.2), meta_loss over the T tasks
+    (cast to float32): its loss, gradient and new BatchNorm state are the means of those of the T
+    one-task batches (a Python loop), and the state moved."""
+    config = base_config.get_config(algorithm)
+    config.data.ways = 3
+    config.algo.inner_steps, config.algo.inner_lr = 3, 0.2
+    algo = importlib.import_module(f"mtl_gbml.algorithms.{algorithm}").build(model, config, 10)
+    tasks = jax.tree.map(
+        lambda a: np.asarray(a, np.float32 if a.dtype.kind == "f" else np.int32), tasks
+    )
+    params, state = algo.init(jax.random.PRNGKey(4), tasks)
+    key = jax.random.PRNGKey(5)
     f = jax.value_and_grad(algo.meta_loss, has_aux=True)
     (loss, (new_state, _)), grads = f(params, state, tasks, key)
     t = tasks.support_x.shape[0]
