@@ -89,5 +89,26 @@ def run_runlocal(algorithm: str, tmp_path):
     return results
 
 
+def test_evaluation_features_use_the_running_statistics():
+    """embed (what the cached-feature evaluator stores) is the inductive forward: an image's
+    features do not depend on the rest of its batch, and equal models.forward(train=False)."""
+    from adaptation_reference import BatchNormNet
+
+    from mtl_gbml import models
+
+    config = base_config.get_config("protonet")
+    algo = protonet.build(BatchNormNet(), config, 10)
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 4, 4, 1))
+    y = jnp.zeros((1, 8), jnp.int32)
+    params, state = algo.init(jax.random.PRNGKey(1), Tasks(x, y, x, y, y[:, :1]))
+    state = jax.tree.map(lambda s: s + 0.3, state)  # running statistics != any batch's
+    whole = np.asarray(algo.embed(params, state, x[0]))
+    np.testing.assert_allclose(
+        np.asarray(algo.embed(params, state, x[0, :3])), whole[:3], atol=1e-6
+    )
+    want = models.forward(BatchNormNet(), params["backbone"], state, x[0], train=False)[0]
+    np.testing.assert_allclose(whole, np.asarray(want), atol=1e-6)
+
+
 def test_runlocal_trains_and_evaluates(tmp_path):
     run_runlocal("protonet", tmp_path)
