@@ -1,8 +1,10 @@
-"""The three checks of theory.verify_gap pass on bound-respecting data and fail otherwise."""
+"""The three checks of theory.verify_gap pass on bound-respecting data and fail otherwise, each of
+their conditions on its own."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from theory.verify_gap import DEPTHS, analyse
 
@@ -48,3 +50,20 @@ def test_check2_fails_when_anil_drift_is_quadratic() -> None:
 def test_check3_fails_when_gap_outgrows_envelope() -> None:
     recs = _records(lambda d, lt: 1.0 / d + 30 * lt, lambda lt: lt)
     assert not _passed(recs)["3"]
+
+
+def test_check1_needs_both_slopes_the_last_local_one_too() -> None:
+    """1/L up to L=32, then flat: the least-squares slope still passes, the last local one
+    (0) does not, so check 1 fails."""
+    recs = _records(lambda d, lt: 1.0 / min(d, 32) + lt, lambda lt: lt)
+    res = analyse(recs, DEPTHS, LTS, 4)["checks"]["1_gap_shrinks_like_1_over_L_at_lamtau0"]
+    assert res["least_squares_slope"] <= -0.8 and res["last_local_slope"] == pytest.approx(0.0)
+    assert not res["passed"]
+
+
+def test_check3_fails_on_a_blow_up_at_the_smallest_envelope_alone() -> None:
+    """gap = envelope everywhere (ratio 1) except at L=64, lam tau=0, where the ratio is 9.6:
+    under the bound of 10 but more than 3x the median, so check 3 fails."""
+    recs = _records(lambda d, lt: 0.15 if (d, lt) == (64, 0.0) else 1.0 / d + lt, lambda lt: lt)
+    res = analyse(recs, DEPTHS, LTS, 4)["checks"]["3_gap_over_envelope_bounded"]
+    assert res["max_ratio"] == pytest.approx(9.6) and not res["passed"]
