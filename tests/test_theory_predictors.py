@@ -91,6 +91,37 @@ def test_phi_equals_theta_at_zero_lamtau() -> None:
     assert np.abs(anil_meta_kernel(kk.theta, kk.k, lay.train, lam_tau=0.5) - phi).max() > 1e-2
 
 
+def test_mtl_predict_in_closed_form_for_independent_and_half_shared_heads() -> None:
+    """rho = 0: the new head's model is 0 before adaptation, so MTL predicts K(Q,S) T y_S on each
+    test task, with T = K^-1 (I - e^{-lam tau K}) (scipy's expm). rho = 1/2: the new head starts
+    from g = 1/2 (Theta - K)(., I) a, with a the solution of the training system whose cross-task
+    blocks of Theta - K are halved; both written out here."""
+    lay = flatten(make_problem(n_train=3, n_test=3, n_support=3, n_query=4, dim=4, seed=4))
+    kk = kernels(lay.x, None, 2)
+    th, k, y, lt = kk.theta, kk.k, lay.y, 0.4
+
+    def after_adapting(g):
+        out = []
+        for s, q in lay.test:
+            t = np.linalg.solve(
+                k[np.ix_(s, s)], np.eye(len(s)) - scipy.linalg.expm(-lt * k[np.ix_(s, s)])
+            )
+            out.append(g[q] + k[np.ix_(q, s)] @ t @ (y[s] - g[s]))
+        return np.concatenate(out)
+
+    got0 = mtl_predict(th, k, y, lay.train, lay.test, lt, rho=0.0)
+    np.testing.assert_allclose(got0, after_adapting(np.zeros_like(y)), rtol=1e-8, atol=1e-10)
+    idx = np.concatenate([q for _, q in lay.train])
+    task = np.concatenate([np.full(len(q), i) for i, (_, q) in enumerate(lay.train)])
+    same = task[:, None] == task[None, :]
+    body = (th - k)[np.ix_(idx, idx)]
+    system = np.where(same, body + k[np.ix_(idx, idx)], 0.5 * body)
+    g = 0.5 * (th - k)[:, idx] @ np.linalg.solve(system, y[idx])
+    got_half = mtl_predict(th, k, y, lay.train, lay.test, lt, rho=0.5)
+    np.testing.assert_allclose(got_half, after_adapting(g), rtol=1e-6, atol=1e-9)
+    assert np.abs(got_half - got0).max() > 1e-3
+
+
 def test_k_equal_theta_reproduces_maml_kernel_blockwise() -> None:
     """Φ with K = Θ against a direct block formula of the MAML meta-kernel (expm path)."""
     prob = make_problem(n_train=3, n_test=1, n_support=3, n_query=2, seed=3)
