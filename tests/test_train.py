@@ -281,6 +281,12 @@ def test_fewshot_learner_api_and_evaluate_cli(finished_run, data_dir):
         ("eval.logreg_tol", -1e-5, "eval.logreg_tol=-1e-05 must be >= 0"),
         ("eval.logreg_steps", 0, "eval.logreg_steps=0 must be positive"),
         ("model.chunk_first", -2, "model.chunk_first=-2: use -1"),
+        ("eval.settings", ("5000w1s",), "5000 ways but split 'test' has"),
+        ("eval.queries", 20, r"1 shots \+ eval.queries=20 exceed the 20 images"),
+        ("eval.queries", 0, "eval.queries > 0"),
+        ("eval.split", "nope", "eval.split='nope'"),
+        ("train.val_split", "nope", "train.val_split='nope' does not exist"),
+        ("train.nonfinite", "ignore", "choose 'raise' or 'skip'"),
     ],
 )
 def test_bad_configs_fail_before_compiling(key, value, message):
@@ -293,6 +299,16 @@ def test_bad_configs_fail_before_compiling(key, value, message):
         config[k] = value
     with pytest.raises((ConfigError, ValueError), match=message):
         validate(config)
+
+
+def test_tasks_vmapped_must_divide_the_tasks_of_a_step():
+    config = load_config("configs/omniglot/maml.py", "runlocal")
+    config.unlock()
+    config.algo.tasks_vmapped = config.data.tasks_per_step + 1
+    with pytest.raises(ConfigError, match="must be 0 .all tasks. or a divisor"):
+        validate(config)
+    config.algo.tasks_vmapped = config.data.tasks_per_step
+    validate(config)
 
 
 def test_unknown_override_key_is_refused_with_a_suggestion(tmp_path):
