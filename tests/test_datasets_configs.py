@@ -4,6 +4,7 @@ crop/flip/jitter augmentation, and ResNet-12 in bfloat16 with rematerialisation.
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -53,6 +54,12 @@ def test_official_recipe_values(name):
         assert c.algo.head_init == "official" and c.eval.logreg_c == 3.0
         assert c.eval.episodes == 2000 and c.train.val_episodes == 400
         assert c.train.eval_every * tasks >= 1600  # validation once per 1600-task epoch
+        # 60 epochs of 1600 tasks, lr x 0.1 at half and three quarters of them (our fixed
+        # stand-in for the official decay on a 4-epoch plateau); best chosen on 5w<shots>s
+        epoch = math.ceil(1600 / tasks)
+        assert c.train.steps == 60 * epoch and c.optimizer.schedule == "step"
+        assert tuple(c.optimizer.decay_steps) == (30 * epoch, 45 * epoch)
+        assert c.optimizer.decay_factor == 0.1 and c.train.val_setting == f"5w{shots}s"
     assert _config(name, None).to_dict() == _config(name, "5shot").to_dict()
     with pytest.raises(ValueError, match="unknown variant"):
         _config(name, "3shot")
@@ -66,6 +73,16 @@ def test_baseline_configs_validate(name):
             c = _config(name, arg, alg)
             validate(c)
             assert (c.algorithm, c.data.name, c.data.rotations) == (alg, name, False)
+            if arg == "runlocal":
+                continue
+            if alg == "maml":  # MAML's mini-ImageNet recipe: transductive BN, 5 (10) steps of 0.01
+                assert c.model.bn_mode == "transductive" and c.model.width == 32
+                assert (c.algo.inner_steps, c.algo.test_inner_steps) == (5, 10)
+                assert c.algo.inner_lr == c.algo.test_inner_lr == 0.01
+            else:  # MetaOptNet's: SGD (Nesterov) 0.1, momentum 0.9, weight decay 5e-4
+                o = c.optimizer
+                assert (o.name, o.lr, o.momentum, o.weight_decay) == ("sgd", 0.1, 0.9, 5e-4)
+                assert (c.data.ways, c.data.queries, c.data.tasks_per_step) == (5, 6, 8)
 
 
 @pytest.fixture(scope="module")
