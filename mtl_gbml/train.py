@@ -355,11 +355,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 count, loss_sum, acc_sum, skipped = parallel.host(
                     (ts.count, ts.loss_sum, ts.acc_sum, ts.skipped)
                 )
-                cnt = max(int(count), 1)
+                cnt = int(
+                    count
+                )  # 0 when train.nonfinite='skip' skipped every step since the last log
                 rec = {
                     "step": s,
-                    "loss": float(loss_sum) / cnt,
-                    "accuracy": float(acc_sum) / cnt,
+                    "loss": float(loss_sum) / cnt if cnt else None,
+                    "accuracy": float(acc_sum) / cnt if cnt else None,
                     "steps_per_sec": (s - seg_step) / max(now - seg_start, 1e-9),
                     "wall_s": wall,
                     "skipped": int(skipped),
@@ -377,9 +379,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     writer.write(rec)
             if log_now:
                 writer.write(rec)
+                fmt = lambda v: "skipped" if v is None else f"{v:.3f}"
                 bar.set_postfix(
-                    loss=f"{rec['loss']:.3f}",
-                    acc=f"{rec['accuracy']:.3f}",
+                    loss=fmt(rec["loss"]),
+                    acc=fmt(rec["accuracy"]),
                     **({"val": f"{rec['val_accuracy']:.2f}"} if "val_accuracy" in rec else {}),
                 )
             bar.update(1)

@@ -149,6 +149,13 @@ def test_nonfinite_loss_stops_with_step_and_quantity(tmp_path, data_dir):
 def test_nonfinite_steps_can_be_skipped(tmp_path, data_dir):
     results = train.train_and_evaluate(_absurd_lr_config("skip"), str(tmp_path))
     assert results["train"]["skipped_steps"] > 0
+    # skipped steps add nothing to the logged means (a NaN added to the sum would show); an
+    # interval whose every step was skipped logs no loss (null), not 0
+    logs = [m for m in map(json.loads, open(tmp_path / "metrics.jsonl")) if "loss" in m]
+    counted = [m for m in logs if m["loss"] is not None]
+    assert counted and all(np.isfinite(m["loss"]) for m in counted)
+    skipped_all = [m for m in logs if m["loss"] is None]
+    assert skipped_all and all(m["accuracy"] is None for m in skipped_all)
     assert np.isfinite(results["eval"]["5way1shot"]["accuracy"])
 
 
