@@ -201,6 +201,14 @@ def test_time_budget_stops_after_the_crossing_step_and_a_rerun_only_evaluates(
     assert again["train"]["params_digest"] == first["train"]["params_digest"]
     assert again["eval"] == first["eval"]
     assert [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")] == [1]
+    # step 1 is validated, so it is the best: the best-validation copy is that step's parameters
+    # and BatchNorm statistics (a best state left at its initial copy would differ)
+    from mtl_gbml.run_loading import load_run
+
+    best, final = load_run(str(tmp_path)), load_run(str(tmp_path), use_best=False)
+    assert best.which == "best validation (step 1)" and final.which == "final"
+    for a, b in ((best.params, final.params), (best.state, final.state)):
+        assert all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))
 
 
 def test_train_step_compiles_once(data_dir):
