@@ -74,3 +74,53 @@ def test_official_head_init_scale():
     h = np.asarray(init_head(jax.random.PRNGKey(0), "official", 64, 640, 5))
     bound = np.sqrt(1 / 640) * np.sqrt(64 / 5)
     assert h.shape == (64, 640) and np.abs(h).max() <= bound and np.abs(h).max() > 0.95 * bound
+
+
+def test_normal_head_init_has_standard_deviation_one_over_sqrt_dim():
+    from mtl_gbml.algorithms.mtl import init_head
+
+    h = np.asarray(init_head(jax.random.PRNGKey(0), "normal", 4112, 64, 20))
+    assert h.shape == (4112, 64) and abs(h.std() * np.sqrt(64) - 1) < 0.02
+
+
+def test_test_time_head_is_scikit_learns_logistic_regression_with_eval_logreg_c():
+    """adapt_and_predict: features of support + query under model.bn_mode, L2-normalised, then
+    LogisticRegression(C=eval.logreg_c) fitted on the support (scikit-learn, lbfgs); logits
+    compared up to the per-query constant the softmax ignores. C and the BatchNorm mode both
+    change the result."""
+    from adaptation_reference import BatchNormNet
+    from sklearn.linear_model import LogisticRegression
+
+    from mtl_gbml import base_config
+    from mtl_gbml.algorithms import mtl
+    from mtl_gbml.data.sampler import Tasks
+
+    rng = np.random.default_rng(0)
+    ways = 4
+    sx = jnp.asarray(rng.normal(size=(ways * 3, 4, 4, 1)), jnp.float32)
+    qx = jnp.asarray(1.0 + 2.0 * rng.normal(size=(10, 4, 4, 1)), jnp.float32)
+    sy = jnp.repeat(jnp.arange(ways), 3)
+    centred = lambda z: np.asarray(z) - np.asarray(z).mean(1, keepdims=True)
+    out = {}
+    for c, bn_mode in ((0.5, "transductive"), (3.0, "transductive"), (0.5, "inductive")):
+        config = base_config.get_config("mtl")
+        config.eval.logreg_c, config.model.bn_mode = c, bn_mode
+        algo = mtl.build(BatchNormNet(), config, 10)
+        params, state = algo.init(
+            jax.random.PRNGKey(1), Tasks(sx[None], sy[None], qx[None], sy[None], sy[None, :ways])
+        )
+        state = jax.tree.map(lambda s: s + 0.3, state)  # running statistics != the batch's
+        out[c, bn_mode] = centred(algo.adapt_and_predict(params, state, sx, sy, qx, ways))
+        x = jnp.concatenate([sx, qx])
+        f = np.asarray(
+            models.forward(
+                BatchNormNet(), params["backbone"], state, x, train=False, bn_mode=bn_mode
+            )[0],
+            np.float64,
+        )
+        f /= np.linalg.norm(f, axis=1, keepdims=True)
+        clf = LogisticRegression(C=c, tol=1e-10, max_iter=10000).fit(f[: ways * 3], np.asarray(sy))
+        want = centred(clf.decision_function(f[ways * 3 :]))
+        np.testing.assert_allclose(out[c, bn_mode], want, atol=2e-3, err_msg=f"C={c} {bn_mode}")
+    assert np.abs(out[0.5, "transductive"] - out[3.0, "transductive"]).max() > 0.05
+    assert np.abs(out[0.5, "transductive"] - out[0.5, "inductive"]).max() > 0.05
