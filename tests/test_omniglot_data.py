@@ -169,3 +169,24 @@ def test_unreadable_image_and_empty_class_are_named(tmp_path):
     gen = builder._generate_examples(str(tmp_path), [(stem, "Alpha", "character03")])
     with pytest.raises(DataError, match=r"no images for Alpha/character03"):
         list(gen)
+
+
+def test_preprocess_inverts_and_resizes_to_28():
+    """Omniglot's dark strokes on white become bright strokes on 0 (closed form on flat images);
+    the prepared cache would hide a change here from the split tests until it is rebuilt."""
+    from mtl_gbml.data.omniglot import preprocess_image
+
+    white, black = np.full((105, 105), 255, np.uint8), np.zeros((105, 105), np.uint8)
+    assert preprocess_image(white).shape == (28, 28, 1)
+    assert preprocess_image(white).max() == 0 and preprocess_image(black).min() == 255
+    bar = white.copy()
+    bar[:, 45:60] = 0  # a vertical stroke through the middle
+    out = preprocess_image(bar)[..., 0].astype(int)
+    assert out[:, 13].min() > 200 and out[:, :8].max() == 0 and out[:, 20:].max() == 0
+
+
+def test_a_split_the_protocol_lacks_is_refused(omniglot_config):
+    lake = omniglot_config.copy_and_resolve_references()
+    lake.protocol = "lake"
+    with pytest.raises(ValueError, match="split 'val' does not exist for omniglot/lake"):
+        datasets.load_arrays(lake, "val")
