@@ -100,3 +100,30 @@ def test_resnet12_shapes_and_dropblock():
 def test_unknown_model_name_is_a_clear_error():
     with pytest.raises(ValueError, match="model.name='conv5' is unknown"):
         _conv4(name="conv5")
+
+
+def test_dropblock_drops_square_blocks_and_rescales_the_rest():
+    """On ones: every output is 0 (dropped) or N / kept (the survivors rescaled so the mean
+    stays 1); the dropped positions of a channel are a union of block_size x block_size squares
+    (each dropped position lies in a fully dropped 2x2 square, clipped at the bottom and right
+    edges); the dropped fraction is about
+    the rate; evaluation leaves x alone."""
+    from mtl_gbml.models.resnet12 import DropBlock
+
+    x = jnp.ones((4, 12, 12, 8))
+    layer = DropBlock(rate=0.2, block_size=2)
+    y = np.asarray(layer.apply({}, x, train=True, rngs={"dropout": jax.random.PRNGKey(0)}))
+    kept = y > 0
+    np.testing.assert_allclose(y[kept], kept.size / kept.sum(), rtol=1e-6)
+    assert y.mean() == pytest.approx(1.0, rel=1e-5)
+    assert 0.1 < 1 - kept.mean() < 0.3
+    dropped = ~kept
+    for n, i, j, c in zip(*np.nonzero(dropped), strict=True):
+        squares = [
+            dropped[n, a : a + 2, b : b + 2, c].all()
+            for a in (i - 1, i)
+            for b in (j - 1, j)
+            if 0 <= a and 0 <= b  # a square may run past the bottom or right edge
+        ]
+        assert any(squares), (n, i, j, c)
+    np.testing.assert_array_equal(np.asarray(layer.apply({}, x, train=False)), np.asarray(x))

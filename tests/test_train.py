@@ -269,6 +269,8 @@ def test_fewshot_learner_api_and_evaluate_cli(finished_run, data_dir):
     pred = learner.predict([a, b], ["bar|", "bar-"], [noisy(a), noisy(b), noisy(a)])
     assert list(pred) == ["bar|", "bar-", "bar|"]
     assert learner.logits([a, b], [3, 7], [a]).shape == (1, 2)
+    with pytest.raises(ValueError, match="at least two classes"):
+        learner.predict([a, b], ["bar|", "bar|"], [a])
     out = evaluate_workdir(workdir, settings=[(5, 1)], episodes=30, split="val")
     assert out["eval"]["5way1shot"]["episodes"] == 30 and out["split"] == "val"
     assert os.path.exists(os.path.join(workdir, "eval_val.json"))
