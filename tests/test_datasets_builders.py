@@ -207,6 +207,14 @@ def test_mini_imagenet_errors(tmp_path):
     )
     msg = _prepare_error("mini_imagenet", raw, tmp_path)
     assert str(bad) in msg and "[N, 84, 84, 3]" in msg
+    for idx in ([2], [-1], []):  # one past the 2 rows, negative, none
+        bad.write_bytes(
+            pickle.dumps(
+                {"image_data": np.zeros((2, 84, 84, 3), np.uint8), "class_dict": {"a": idx}}
+            )
+        )
+        msg = _prepare_error("mini_imagenet", raw, tmp_path)
+        assert str(bad) in msg and "indices outside image_data's 2 rows" in msg, idx
     # JPEG layout: a bad header, then a CSV row naming a missing image
     jraw = tmp_path / "jraw"
     fake.write_mini_imagenet(jraw, "jpeg", classes=5, per_class=3)

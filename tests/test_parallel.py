@@ -71,6 +71,14 @@ def _final(workdir):
     from mtl_gbml.run_loading import load_run
 
     run = load_run(str(workdir), use_best=False)
+    # no validation ran (eval_every=0): the default, best-validation parameters, falls back to these
+    default = load_run(str(workdir))
+    assert default.which == "final" and default.step == run.step
+    assert all(
+        jax.tree.leaves(
+            jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), default.params, run.params)
+        )
+    )
     losses = [json.loads(x)["loss"] for x in open(os.path.join(workdir, "metrics.jsonl"))]
     results = json.load(open(os.path.join(workdir, "results.json")))
     return run, losses, results

@@ -273,6 +273,19 @@ def test_fewshot_learner_api_and_evaluate_cli(finished_run, data_dir):
         learner.predict([a, b], ["bar|", "bar|"], [a])
     out = evaluate_workdir(workdir, settings=[(5, 1)], episodes=30, split="val")
     assert out["eval"]["5way1shot"]["episodes"] == 30 and out["split"] == "val"
+    # the CLI's evaluation is evaluate() on the split it names, with PRNGKey(seed)
+    from mtl_gbml.data import datasets
+    from mtl_gbml.evaluation import evaluate
+    from mtl_gbml.run_loading import load_run
+
+    run = load_run(workdir)
+    c = run.config
+    direct = evaluate(
+        run.algorithm, run.params, run.state, datasets.load_pool(c.data, "val"), [(5, 1)],
+        episodes=30, queries=c.eval.queries, batch=c.eval.batch, rng=jax.random.PRNGKey(0),
+        bn_mode=c.model.bn_mode,
+    )  # fmt: skip
+    assert out["eval"] == direct
     assert os.path.exists(os.path.join(workdir, "eval_val.json"))
 
 
