@@ -355,9 +355,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 count, loss_sum, acc_sum, skipped = parallel.host(
                     (ts.count, ts.loss_sum, ts.acc_sum, ts.skipped)
                 )
-                cnt = int(
-                    count
-                )  # 0 when train.nonfinite='skip' skipped every step since the last log
+                # 0 when train.nonfinite='skip' skipped every step since the last log
+                cnt = int(count)
                 rec = {
                     "step": s,
                     "loss": float(loss_sum) / cnt if cnt else None,
