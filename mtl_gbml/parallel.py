@@ -20,6 +20,15 @@
   values every process holds (:func:`put`); host reads of replicated values use the local shard
   (:func:`host`). Process 0 writes the logs and results; every process takes part in orbax
   checkpointing (orbax writes each replicated array once, from process 0).
+- Gloo builds a communication context the first time a set of devices runs a cross-process
+  collective, and gives up when the other processes do not arrive within 30 s (``Gloo context
+  initialization failed: ... GetKeyValue() timed out``); later collectives on that set wait longer.
+  So nothing here relies on processes arriving together by chance: host barriers (:func:`sync`) go
+  through the coordination service's key-value store (no collective, a long timeout), and train.py
+  compiles the train step ahead of time and waits at a barrier before its first run, whose
+  gradient all-reduce is the first collective over all devices. (CI under load failed this way,
+  process 1 timing out on ``cpu:gloo/0,1,131072,131073``; delaying process 0 by 45 s before its
+  first step reproduces it without the barrier and passes with it.)
 """
 
 from __future__ import annotations
@@ -34,6 +43,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "data"
 _INITIALIZED = {"done": False}
+# how long a host barrier waits for the slowest process (loading a dataset for the first time,
+# compiling on a busy machine) before it fails with the barrier's name
+BARRIER_TIMEOUT_S = 3600
+_BARRIERS = {"count": 0}
 
 
 def initialize(pc: ml_collections.ConfigDict | None) -> bool:
@@ -70,12 +83,24 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def sync(name: str) -> None:
-    """Barrier across processes (no-op with one process)."""
-    if jax.process_count() > 1:
+def sync(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Barrier across processes (no-op with one process), through the coordination service.
+
+    Every process calls the same barriers in the same order; a counter makes each barrier's id
+    unique, so a name can be used more than once.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    _BARRIERS["count"] += 1
+    client = distributed.global_state.client
+    if client is None:  # multi-process without jax.distributed (not expected): a collective
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(f"mtl_gbml/{_BARRIERS['count']}/{name}", int(timeout_s * 1000))
 
 
 def agree(values) -> np.ndarray:

@@ -330,6 +330,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.train.time_budget_s > 0 and wall0 >= config.train.time_budget_s:
         total = start  # the budget was used up before the last stop: evaluate only
     seg_start, seg_step, t_loop = time.time(), start, time.time()
+    if jax.process_count() > 1 and start < total:
+        # compile ahead of time (the first call reuses this executable), then wait for every
+        # process: the step's collectives set gloo up and gloo allows the processes only 30 s
+        # apart (see parallel.py); compiling is inside the loop's clock, as with one process
+        step_fn.lower(ts, train_pool, k_train).compile()
+        parallel.sync("train_step_compiled")
     try:
         for step in range(start, total):
             ts = step_fn(ts, train_pool, k_train)
