@@ -1,6 +1,8 @@
 """The restricted unpickler: plain data and numpy arrays load; anything that would run code is
 refused before it runs (a side-effect file shows whether it ran)."""
 
+import builtins
+import io
 import os
 import pickle
 
@@ -86,6 +88,32 @@ def test_truncated_and_missing_files_name_the_file(tmp_path):
         safe_pickle.load(str(path), "a dict")
     with pytest.raises(DataError, match="missing file .*nope.pkl"):
         safe_pickle.load(str(tmp_path / "nope.pkl"), "a dict")
+
+
+# malformed pickles that the unpickler fails on with each exception type it is expected to turn
+# into a DataError (hand-written opcodes; each checked to raise exactly this type)
+_MALFORMED = {
+    "ValueError": b"\x80\x09N.",  # unsupported protocol 9
+    "TypeError": b"\x80\x02cnumpy\ndtype\nq\x00(K\x01K\x02K\x03K\x04K\x05tR.",  # dtype(5 args)
+    "AttributeError": b"\x80\x02K\x01(K\x02e.",  # APPENDS onto an int
+    "IndexError": b"\x80\x02]K\x01K\x02s.",  # SETITEM on an empty list
+    "EOFError": b"",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_MALFORMED))
+def test_malformed_pickles_are_data_errors_naming_the_file(tmp_path, kind):
+    payload = _MALFORMED[kind]
+    with pytest.raises(getattr(builtins, kind)):  # what pickle itself raises on it
+        pickle.Unpickler(io.BytesIO(payload)).load()
+    path = tmp_path / "bad.pkl"
+    path.write_bytes(payload)
+    with pytest.raises(
+        DataError, match=f"bad.pkl is not a readable pickle \\({kind}: .*expected a dict"
+    ):
+        safe_pickle.load(str(path), "a dict")
+    with open(path, "rb") as f, pytest.raises(DataError, match=f"member.pkl .*\\({kind}: "):
+        safe_pickle.load_fileobj(f, "member.pkl", "a dict")
 
 
 # np.array([97, 98, 99], np.uint8) and {'label_specific': that} as Python 2's cPickle (protocol 2)
