@@ -69,6 +69,25 @@ def test_decoded_split_cache_matches_tfds_and_survives_a_torn_file(omniglot_conf
     assert datasets._read_cache(vdir, "val") is not None
 
 
+def test_decoded_split_cache_refuses_mismatched_or_foreign_files(tmp_path):
+    """A cache whose two files disagree in length, whose images are not uint8, or that misses a
+    file is not used (the split is read from TFDS again); a consistent pair round-trips."""
+    vdir = str(tmp_path)
+    img_path, lbl_path = datasets._cache_paths(vdir, "val")
+    images, labels = np.arange(24, dtype=np.uint8).reshape(3, 2, 2, 2), np.array([0, 1, 1])
+    datasets._write_cache(vdir, "val", images, labels)
+    got = datasets._read_cache(vdir, "val")
+    np.testing.assert_array_equal(got[0], images)
+    np.testing.assert_array_equal(got[1], labels)
+    np.save(lbl_path, labels[:2])  # one label short (a cache written by two different runs)
+    assert datasets._read_cache(vdir, "val") is None
+    np.save(lbl_path, labels)
+    np.save(img_path, images.astype(np.float32))
+    assert datasets._read_cache(vdir, "val") is None
+    os.remove(img_path)
+    assert datasets._read_cache(vdir, "val") is None
+
+
 def _copy_data(src, dst):
     os.makedirs(os.path.join(dst, "omniglot"))
     for f in ("images_background.zip", "images_evaluation.zip", "SHA256SUMS"):
