@@ -136,6 +136,31 @@ def test_tiered_imagenet(tmp_path):
     ]
 
 
+def test_tiered_imagenet_non_contiguous_class_ids(tmp_path):
+    """label_specific ids need not be 0..C-1: labels become split-local indices in sorted id order
+    and class names are looked up by the original id."""
+    from mtl_gbml.data.tiered_imagenet import TieredImagenetFewShot
+
+    raw = tmp_path / "raw"
+    fake.write_tiered_imagenet(raw, classes=5, per_class=2)
+    ids = np.array([7, 2, 30, 11, 19])  # fake class i gets id ids[i]
+    with open(raw / "val_labels.pkl", "rb") as f:
+        labels = pickle.load(f)
+    spec = labels["label_specific"]
+    names = [f"unused_{k}" for k in range(31)]
+    for i, n in enumerate(labels["label_specific_str"]):
+        names[ids[i]] = n
+    labels.update(label_specific=ids[spec], label_specific_str=names)
+    with open(raw / "val_labels.pkl", "wb") as f:
+        pickle.dump(labels, f, protocol=2)
+    examples = list(TieredImagenetFewShot._generate_examples(None, str(raw), "val"))
+    assert len(examples) == 10
+    rank = {int(c): r for r, c in enumerate(sorted(ids))}  # 2->0, 7->1, 11->2, 19->3, 30->4
+    for (_, ex), c in zip(examples, spec, strict=True):
+        assert ex["label"] == rank[int(ids[c])]
+        assert ex["class_name"] == names[ids[c]] and ex["general_label"] == c % 2
+
+
 def test_cifar_fs_and_fc100(tmp_path):
     fine_names = fake.write_cifar100(tmp_path / "raw", per_class_train=3, per_class_test=1)
     _, _, parent = fake.cifar100_names()
