@@ -151,3 +151,26 @@ def test_chunked_first_block_drops_the_input_gradient_when_unused():
 
     assert convolutions(lambda k, b: jnp.sum(first_conv_pool(x, k, b, s, 4) ** 2), k, b) == 0
     assert convolutions(lambda x: jnp.sum(first_conv_pool(x, k, b, s, 4) ** 2), x) == 1
+
+
+def test_chunked_first_block_statistics_are_the_conv_outputs_biased_moments():
+    """On a map so small that the divisor matters (2 images of 4x4: 32 pixels), the closed-form
+    mean and variance are those of the explicit convolution's output over (n, H, W), divided by
+    the pixel count as BatchNorm does (ddof=0), and the pooled map is the explicit one."""
+    from mtl_gbml.models.conv4 import chunked_first_block
+
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 4, 1))
+    kernel = jax.random.normal(jax.random.PRNGKey(4), (3, 3, 1, 5))
+    bias = jnp.linspace(-1.0, 1.0, 5)
+    s = jnp.array([1.0, -1.0, 1.0, 1.0, -1.0])
+    pooled, mean, var = chunked_first_block(x, kernel, bias, s, chunk=1)
+    y = np.asarray(
+        jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    ) + np.asarray(bias)
+    np.testing.assert_allclose(mean, y.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, y.var((0, 1, 2), ddof=0), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(var, y.var((0, 1, 2), ddof=1), rtol=1e-3)  # 32/31: distinguishable
+    windows = (y * np.asarray(s)).reshape(2, 2, 2, 2, 2, 5).max((2, 4)) * np.asarray(s)
+    np.testing.assert_allclose(pooled, windows, rtol=1e-5, atol=1e-6)
