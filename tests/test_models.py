@@ -127,3 +127,90 @@ def test_dropblock_drops_square_blocks_and_rescales_the_rest():
         ]
         assert any(squares), (n, i, j, c)
     np.testing.assert_array_equal(np.asarray(layer.apply({}, x, train=False)), np.asarray(x))
+
+
+def _np_resnet12(params, x):
+    """ResNet-12 in numpy from the paper's description (Lee et al. 2019): per block three
+    conv3x3-BN layers with LeakyReLU(0.1) after the first two, a conv1x1-BN shortcut, LeakyReLU(0.1)
+    of the sum, 2x2 max-pool; BatchNorm on the batch's biased statistics; global average pool."""
+
+    def conv(h, k):  # 'SAME', stride 1, no bias
+        p = k.shape[0] // 2
+        hp = np.pad(h, ((0, 0), (p, p), (p, p), (0, 0)))
+        win = np.lib.stride_tricks.sliding_window_view(hp, k.shape[:2], axis=(1, 2))
+        return np.einsum("nhwcij,ijco->nhwo", win, k)
+
+    def bn(h, p):
+        mean, var = h.mean((0, 1, 2)), h.var((0, 1, 2))
+        return (h - mean) / np.sqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+    def leaky(h):
+        return np.where(h > 0, h, 0.1 * h)
+
+    h = np.asarray(x, np.float64)
+    for b in range(4):
+        p = jax.tree.map(lambda a: np.asarray(a, np.float64), params[f"ResBlock_{b}"])
+        y = h
+        for i in range(3):
+            y = bn(conv(y, p[f"Conv_{i}"]["kernel"]), p[f"BatchNorm_{i}"])
+            y = leaky(y) if i < 2 else y
+        y = leaky(y + bn(conv(h, p["Conv_3"]["kernel"]), p["BatchNorm_3"]))
+        n, hh, ww, c = y.shape
+        h = y.reshape(n, hh // 2, 2, ww // 2, 2, c).max((2, 4))
+    return h.mean((1, 2))
+
+
+def test_resnet12_matches_a_numpy_reference():
+    from mtl_gbml.models.resnet12 import ResNet12
+
+    model = ResNet12(widths=(3, 4, 5, 6))
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 16, 16, 3))
+    # random values for every variable, from the init's shapes (compiling the init costs ~10 s):
+    # kernels scaled to keep activations O(1), BatchNorm scales and biases away from 1 and 0
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(1), x, train=False, use_batch_stats=True)
+    )
+    rng = np.random.default_rng(0)
+    v = jax.tree_util.tree_map_with_path(
+        lambda path, s: np.float32(
+            rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))
+            if "kernel" in jax.tree_util.keystr(path)
+            else rng.normal(size=s.shape) * 0.5 + ("scale" in jax.tree_util.keystr(path))
+        ),
+        shapes,
+    )
+    params = v["params"]
+    apply = jax.jit(
+        lambda v, x: model.apply(v, x, train=False, use_batch_stats=True, mutable=["batch_stats"])
+    )
+    got, _ = apply(v, x)
+    np.testing.assert_allclose(got, _np_resnet12(params, x), rtol=1e-4, atol=1e-5)
+
+
+def test_resnet12_dropblock_sits_in_the_last_two_blocks():
+    """As in MetaOptNet: DropBlock (rate drop_rate) after blocks 3 and 4, with block_size 1 in
+    block 3 and dropblock_size in block 4; blocks 1 and 2 have none."""
+    from mtl_gbml.models.resnet12 import DropBlock, ResNet12
+
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, DropBlock) and context.method_name == "__call__":
+            m = context.module
+            seen.append((m.parent.name, m.rate, m.block_size))
+        return next_fun(*args, **kwargs)
+
+    model = ResNet12(widths=(2, 2, 2, 2), drop_rate=0.3, dropblock_size=3)
+    x = jnp.ones((1, 32, 32, 3))
+    with nn.intercept_methods(record):  # tracing is enough: nothing compiles or runs
+        jax.eval_shape(
+            lambda: model.init(
+                {"params": jax.random.PRNGKey(0)}, x, train=True, use_batch_stats=True
+            )
+        )
+    assert seen == [
+        ("ResBlock_0", 0.0, 1),
+        ("ResBlock_1", 0.0, 1),
+        ("ResBlock_2", 0.3, 1),
+        ("ResBlock_3", 0.3, 3),
+    ]
