@@ -200,3 +200,25 @@ def test_state_shardings_split_only_the_head():
     assert sh["params"]["conv"].spec == PartitionSpec() and sh["step"].spec == PartitionSpec()
     sh = parallel.state_shardings(tree, mesh, shard_head=False)
     assert sh["params"]["head"].spec == PartitionSpec()
+
+
+def test_a_head_that_does_not_split_evenly_stays_replicated_and_says_so(capsys):
+    """Sharding decisions over 3 devices (one CPU device listed three times: the shardings are
+    only built, never used): 9 head rows split, 7 stay replicated with a message naming the
+    counts; 1-d head leaves and 2-d leaves outside a head are replicated whatever their size."""
+    from jax.sharding import Mesh, PartitionSpec
+
+    from mtl_gbml import parallel
+
+    mesh = Mesh(np.array([jax.devices()[0]] * 3), (parallel.AXIS,))
+    tree = {
+        "params": {"head": np.zeros((7, 4)), "conv": np.zeros((9, 4))},
+        "mu": {"head": np.zeros((9, 4)), "bias": {"head": np.zeros((9,))}},
+    }
+    sh = parallel.state_shardings(tree, mesh, shard_head=True)
+    assert sh["mu"]["head"].spec == PartitionSpec("data", None)
+    assert sh["params"]["head"].spec == PartitionSpec()
+    assert sh["params"]["conv"].spec == PartitionSpec()
+    assert sh["mu"]["bias"]["head"].spec == PartitionSpec()
+    out = capsys.readouterr().out
+    assert "7 head rows do not split evenly over 3 devices" in out
