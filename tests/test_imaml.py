@@ -188,9 +188,9 @@ def test_conjugate_gradient_solves_spd_and_stays_finite_on_negative_curvature():
 
 
 def test_test_time_adaptation_is_a_plain_loop_of_gradient_steps():
-    """adapt_and_predict with test_inner_steps/test_inner_lr (not the training ones) (plus lam/2 ||fast - start||^2), for a
-    zero and a meta-learned head and both BatchNorm modes, against a Python loop over
-    models.forward (tests/adaptation_reference.py)."""
+    """adapt_and_predict with test_inner_steps/test_inner_lr (not the training ones) on the
+    proximal loss (+ lam/2 ||fast - start||^2), for a zero and a meta-learned head and both
+    BatchNorm modes, against a Python loop over models.forward (tests/adaptation_reference.py)."""
     check_adapt_and_predict("imaml", whole=True, lam=2.0)
 
 
