@@ -24,11 +24,14 @@
   collective, and gives up when the other processes do not arrive within 30 s (``Gloo context
   initialization failed: ... GetKeyValue() timed out``); later collectives on that set wait longer.
   So nothing here relies on processes arriving together by chance: host barriers (:func:`sync`) go
-  through the coordination service's key-value store (no collective, a long timeout), and train.py
-  compiles the train step ahead of time and waits at a barrier before its first run, whose
-  gradient all-reduce is the first collective over all devices. (CI under load failed this way,
-  process 1 timing out on ``cpu:gloo/0,1,131072,131073``; delaying process 0 by 45 s before its
-  first step reproduces it without the barrier and passes with it.)
+  through the coordination service's key-value store (no collective, a long timeout); train.py
+  sets up the one-device-per-process context (orbax's barriers, :func:`agree`) right after such a
+  barrier (:func:`warm_up`), and compiles the train step ahead of time and waits at a barrier
+  before its first run, whose gradient all-reduce is the first collective over all devices.
+  CI under load failed this way (process 1 timing out on ``cpu:gloo/0,1,131072,131073``). With
+  process 0 delayed by 45 s before its first step, or before orbax's ``CheckpointManager`` (its
+  creation is a ``sync_global_devices``), the run fails without these barriers and passes with
+  them.
 """
 
 from __future__ import annotations
@@ -101,6 +104,18 @@ def sync(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
         multihost_utils.sync_global_devices(name)
         return
     client.wait_at_barrier(f"mtl_gbml/{_BARRIERS['count']}/{name}", int(timeout_s * 1000))
+
+
+def warm_up() -> None:
+    """Set gloo up for the one-device-per-process collectives (barriers inside orbax, which are
+    ``sync_global_devices``, and :func:`agree`) while every process is here: right after a
+    coordination-service barrier. Call once, before anything else may run such a collective."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    sync("warm_up")
+    multihost_utils.sync_global_devices("mtl_gbml/warm_up")
 
 
 def agree(values) -> np.ndarray:

@@ -209,6 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     parallel.initialize(config.get("parallel"))  # before anything touches the devices
     validate(config)  # before anything loads or compiles
     xla_cache.guard()  # before anything compiles
+    parallel.warm_up()  # several processes: gloo set up while they are together (parallel.py)
     os.makedirs(workdir, exist_ok=True)
     _check_config_matches(workdir, config)
     t_start = time.time()
