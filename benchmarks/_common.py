@@ -149,12 +149,11 @@ def workload_config(algorithm: str, overrides: dict | None = None, shots: int = 
 def build_step(config, algorithm_name: str):
     """(compiled step, train state, pool, key) with the real ``make_train_step`` on real data."""
     import jax
-    import jax.numpy as jnp
 
     from mtl_gbml import algorithms, models, optim
     from mtl_gbml.data import datasets
     from mtl_gbml.data.sampler import prepare_tasks, sample_tasks
-    from mtl_gbml.train import TrainState, make_mesh, make_train_step
+    from mtl_gbml.train import initial_state, make_mesh, make_train_step
 
     mesh = make_mesh()
     pool = jax.device_put(datasets.load_pool(config.data, "train"))
@@ -168,25 +167,7 @@ def build_step(config, algorithm_name: str):
     d = config.data
     example = prepare_tasks(sample_tasks(pool, key, d.ways, d.shots, d.queries, 1), key, "none", 0)
     params, model_state = algorithm.init(key, example)
-    s = lambda x, dt=jnp.float32: jnp.asarray(x, dt)
-    copy = lambda t: jax.tree.map(jnp.copy, t)
-    ts = TrainState(
-        step=s(0, jnp.int32),
-        params=params,
-        model_state=model_state,
-        opt_state=tx.init(params),
-        best_params=copy(params),
-        best_model_state=copy(model_state),
-        best_val=s(-1.0),
-        best_step=s(-1, jnp.int32),
-        wall_s=s(0.0),
-        loss_sum=s(0.0),
-        acc_sum=s(0.0),
-        count=s(0, jnp.int32),
-        skipped=s(0, jnp.int32),
-        bad_loss_step=s(-1, jnp.int32),
-        bad_grad_step=s(-1, jnp.int32),
-    )
+    ts = initial_state(params, model_state, tx.init(params))
     step = make_train_step(algorithm, tx, config, mesh)
     return step, ts, pool, key
 

@@ -61,8 +61,34 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def _copy(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
 def make_mesh() -> Mesh:
     return parallel.make_mesh()
+
+
+def initial_state(params: Any, model_state: Any, opt_state: Any) -> TrainState:
+    """The state before the first step: the best-so-far slots hold copies of the parameters and
+    model state (own buffers: the step donates its state), the bookkeeping is zero or -1 (none)."""
+    return TrainState(
+        step=_scalar(0, jnp.int32),
+        params=params,
+        model_state=model_state,
+        opt_state=opt_state,
+        best_params=_copy(params),
+        best_model_state=_copy(model_state),
+        best_val=_scalar(-1.0),
+        best_step=_scalar(-1, jnp.int32),
+        wall_s=_scalar(0.0),
+        loss_sum=_scalar(0.0),
+        acc_sum=_scalar(0.0),
+        count=_scalar(0, jnp.int32),
+        skipped=_scalar(0, jnp.int32),
+        bad_loss_step=_scalar(-1, jnp.int32),
+        bad_grad_step=_scalar(-1, jnp.int32),
+    )
 
 
 def make_train_step(
@@ -229,24 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         sample_tasks(train_pool, k_init, d.ways, d.shots, d.queries, 1), k_init, "none", 0
     )
     params, model_state = algorithm.init(k_init, example)
-    copy = lambda t: jax.tree.map(jnp.copy, t)
-    ts = TrainState(
-        step=_scalar(0, jnp.int32),
-        params=params,
-        model_state=model_state,
-        opt_state=tx.init(params),
-        best_params=copy(params),
-        best_model_state=copy(model_state),
-        best_val=_scalar(-1.0),
-        best_step=_scalar(-1, jnp.int32),
-        wall_s=_scalar(0.0),
-        loss_sum=_scalar(0.0),
-        acc_sum=_scalar(0.0),
-        count=_scalar(0, jnp.int32),
-        skipped=_scalar(0, jnp.int32),
-        bad_loss_step=_scalar(-1, jnp.int32),
-        bad_grad_step=_scalar(-1, jnp.int32),
-    )
+    ts = initial_state(params, model_state, tx.init(params))
     shard_head = bool(config.get("parallel", {}).get("shard_head", False))
     if shard_head and config.algorithm != "mtl":
         raise ConfigError("parallel.shard_head applies to algorithm='mtl' (its head table) only")
@@ -290,8 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         }
         if acc > float(parallel.host(ts.best_val)):
             ts = ts.replace(
-                best_params=copy(ts.params),
-                best_model_state=copy(ts.model_state),
+                best_params=_copy(ts.params),
+                best_model_state=_copy(ts.model_state),
                 best_val=_scalar(acc),
                 best_step=jnp.copy(ts.step),
             )

@@ -223,25 +223,7 @@ def test_train_step_compiles_once(data_dir):
     key = jax.random.PRNGKey(0)
     ex = prepare_tasks(sample_tasks(pool, key, 5, 1, 2, 1), key, "none", 0)
     params, state = algo.init(key, ex)
-    z = lambda v, dt=np.float32: jax.numpy.asarray(v, dt)
-    copy = lambda t: jax.tree.map(jax.numpy.copy, t)
-    ts = train.TrainState(
-        z(0, np.int32),
-        params,
-        state,
-        tx.init(params),
-        copy(params),
-        copy(state),
-        z(-1.0),
-        z(-1, np.int32),
-        z(0.0),
-        z(0.0),
-        z(0.0),
-        z(0, np.int32),
-        z(0, np.int32),
-        z(-1, np.int32),
-        z(-1, np.int32),
-    )
+    ts = train.initial_state(params, state, tx.init(params))
     mesh = train.make_mesh()
     ts = jax.device_put(ts, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     step = train.make_train_step(algo, tx, config, mesh)

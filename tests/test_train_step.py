@@ -52,28 +52,6 @@ def _toy(bad_grad: bool):
     return types.SimpleNamespace(meta_loss=meta_loss)
 
 
-def _state(params):
-    """Numpy leaves: device_put gives each its own buffer (the step donates the state)."""
-    zero, minus, izero = np.float32(0.0), np.int32(-1), np.int32(0)
-    return train.TrainState(
-        step=izero,
-        params=params,
-        model_state={"accepted": izero},
-        opt_state=optax.sgd(1.0).init(params),
-        best_params=params,
-        best_model_state={"accepted": izero},
-        best_val=zero,
-        best_step=minus,
-        wall_s=zero,
-        loss_sum=zero,
-        acc_sum=zero,
-        count=izero,
-        skipped=izero,
-        bad_loss_step=minus,
-        bad_grad_step=minus,
-    )
-
-
 def _run(bad_grad: bool, nonfinite: str):
     pool, key = _pool(), jax.random.PRNGKey(7)
     params = {"w": np.float32(2.5)}
@@ -81,7 +59,9 @@ def _run(bad_grad: bool, nonfinite: str):
         params["v"] = np.float32(2.0)
     mesh = parallel.make_mesh()
     step = train.make_train_step(_toy(bad_grad), optax.sgd(1.0), _config(nonfinite), mesh)
-    ts = jax.device_put(_state(params), parallel.replicated(mesh))
+    opt_state = optax.sgd(1.0).init(params)
+    ts = train.initial_state(params, {"accepted": np.int32(0)}, opt_state)
+    ts = jax.device_put(ts, parallel.replicated(mesh))
     for _ in range(STEPS):
         ts = step(ts, pool, key)
     return jax.tree.map(np.asarray, ts), pool, key
