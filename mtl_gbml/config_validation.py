@@ -110,6 +110,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         for key in ("cg_steps", "cg_damping", "lam_damping"):
             if not c.algo[key] >= 0:
                 raise ConfigError(f"algo.{key}={c.algo[key]} must be >= 0")
+    if c.algorithm == "metaoptnet":
+        if not c.algo.solver_steps >= 1:
+            raise ConfigError(f"algo.solver_steps={c.algo.solver_steps} must be >= 1")
+        if not c.algo.solver_tol >= 0:
+            raise ConfigError(
+                f"algo.solver_tol={c.algo.solver_tol} must be >= 0 (0: always algo.solver_steps)"
+            )
     if c.data.queries < 0 or c.eval.queries <= 0:
         raise ConfigError("data.queries must be >= 0 and eval.queries > 0")
     from mtl_gbml.data.sampler import AUGMENTS

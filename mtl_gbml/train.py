@@ -148,6 +148,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "algo.cg_damping": 0.0,  # 53cda7d (iMAML's CG solved the undamped system before)
     "algo.lam_damping": 0.0,  # 53cda7d
     "train.val_extra_settings": [],  # f6746c4
+    "algo.solver_tol": 0.0,  # MetaOptNet ran its solver_steps in full before
 }
 _UNCHECKED_SECTIONS = ("eval", "parallel")  # neither changes the trained parameters
 _ABSENT = object()

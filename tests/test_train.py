@@ -306,6 +306,22 @@ def test_bad_configs_fail_before_compiling(key, value, message):
         validate(config)
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("solver_tol", -1e-6, r"algo.solver_tol=-1e-06 must be >= 0 \(0: always"),
+        ("solver_steps", 0, "algo.solver_steps=0 must be >= 1"),
+    ],
+)
+def test_bad_metaoptnet_solver_settings_fail_before_compiling(key, value, message):
+    config = load_config("configs/omniglot/metaoptnet.py", "runlocal")
+    validate(config)
+    config.unlock()
+    config.algo[key] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(config)
+
+
 def test_tasks_vmapped_must_divide_the_tasks_of_a_step():
     config = load_config("configs/omniglot/maml.py", "runlocal")
     config.unlock()

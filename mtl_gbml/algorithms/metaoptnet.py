@@ -12,9 +12,18 @@ primal of the same problem with each support point given its own extra feature o
 
 Solver: each row's feasible set is a scaled simplex after the change of variables
 ``u_i = C e_{y_i} - alpha_i`` (u_i >= 0, sum u_i = C), so Euclidean projection is one sort per row;
-the QP is solved by accelerated projected gradient (``solver_steps`` iterations, step 1/L with
-L = lambda_max(K) + r, momentum from the strong convexity r). Any solver would do: the gradient
-does not look at its iterations.
+the QP is solved by accelerated projected gradient (step 1/L with L = lambda_max(K) + r,
+momentum from the strong convexity r), until the projected-gradient step is at most
+``solver_tol`` relative to the iterate, or ``solver_steps`` steps (``solver_tol=0``: always
+``solver_steps``). Any solver would do: the gradient does not look at its iterations.
+
+The step count the dual needs grows with sqrt(L / r), and L with the features' scale, so a fixed
+count is short of the solution as features grow in training. Measured on Omniglot Conv4
+features at initialisation (16 tasks each, relative error against a float64 solve): 20-way
+1-shot stops at 292 steps (error 1.4e-4); 20-way 5-shot at 535 (8.3e-4), where the fixed 300
+steps of the previous default left 1.3e-2; with the features tripled, 20-way 1-shot at 773
+(2.1e-4; 300 steps: 2.1e-2) and 20-way 5-shot reaches the 1000-step cap at 7.7e-3 (300 steps:
+0.15). The error is 100-1,600 times the tolerance in these runs.
 
 Meta-gradient (implicit, KKT): at the solution, let P be the orthogonal projector onto the
 directions that keep the active bounds active and each row's sum at zero (per row: the coordinates
@@ -43,7 +52,8 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.c = 0.1  # SVM C (MetaOptNet's C_reg)
     c.dual_ridge = 1.0  # r: MetaOptNet adds 1.0 * I to the block kernel
-    c.solver_steps = 300  # accelerated projected-gradient iterations (train and test)
+    c.solver_steps = 1000  # at most this many accelerated projected-gradient steps (train, test)
+    c.solver_tol = 1e-6  # stop at this relative gradient-mapping step (0: all solver_steps)
     c.cg_steps = 50  # conjugate-gradient iterations of the implicit backward pass
     # Logit scale, meta-learned as its logarithm. MetaOptNet's code starts it at 1 but trains it
     # directly with SGD at lr 0.1 (momentum 0.9), where it moves fast; with our Adam 1e-3 on its
@@ -73,15 +83,22 @@ def _project(alpha: jax.Array, y: jax.Array, c: float):
     return c * y - u, free
 
 
-def _solve(kernel, y, c, ridge, steps):
+def solve(kernel, y, c: float, ridge: float, steps: int, tol: float = 0.0):
+    """(alpha, free mask at the solution, steps taken) for one dual QP.
+
+    ``tol > 0``: stops at the first step whose projected-gradient step from the look-ahead point
+    is at most ``tol`` relative, ``||P(look - grad/L) - look|| <= tol ||P(look - grad/L)||``
+    (``L`` times it is the gradient mapping, zero exactly at the solution), after at most
+    ``steps`` steps (a ``lax.while_loop``; under a vmap each problem keeps its own iterate once
+    done, and the loop runs until the last is); ``tol == 0``: exactly ``steps`` steps."""
+    y = y.astype(kernel.dtype)
     lipschitz = jnp.linalg.eigvalsh(kernel)[-1] * 1.01 + ridge + 1e-12
     if ridge > 0:
         q = ridge / lipschitz
         momentum = (1 - jnp.sqrt(q)) / (1 + jnp.sqrt(q))
     grad = lambda a: kernel @ a + ridge * a - y
 
-    def body(carry, _):
-        a, prev, t = carry
+    def step(a, prev, t):
         if ridge > 0:
             beta = momentum
             t_next = t
@@ -90,27 +107,51 @@ def _solve(kernel, y, c, ridge, steps):
             beta = (t - 1) / t_next
         look = a + beta * (a - prev)
         new, _ = _project(look - grad(look) / lipschitz, y, c)
-        return (new, a, t_next), None
+        return new, t_next, look
 
     a0 = jnp.zeros_like(y)
-    (a, _, _), _ = jax.lax.scan(body, (a0, a0, jnp.ones((), y.dtype)), None, length=steps)
+    one = jnp.ones((), y.dtype)
+    if tol == 0:
+
+        def body(carry, _):
+            a, prev, t = carry
+            new, t_next, _ = step(a, prev, t)
+            return (new, a, t_next), None
+
+        (a, _, _), _ = jax.lax.scan(body, (a0, a0, one), None, length=steps)
+        taken = jnp.int32(steps)
+    else:
+
+        def cond(carry):
+            _, _, _, k, done = carry
+            return (k < steps) & ~done
+
+        def body_while(carry):
+            a, prev, t, k, _ = carry
+            new, t_next, look = step(a, prev, t)
+            done = jnp.linalg.norm(new - look) <= tol * jnp.linalg.norm(new)
+            return new, a, t_next, k + 1, done
+
+        init = (a0, a0, one, jnp.int32(0), jnp.bool_(False))
+        a, _, _, taken, _ = jax.lax.while_loop(cond, body_while, init)
     _, free = _project(a - grad(a) / lipschitz, y, c)  # active set at the solution
-    return a, free
+    return a, free, taken
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def svm_dual(kernel, y, c: float, ridge: float, steps: int, cg_steps: int):
-    """The dual solution alpha [n, N] for Gram matrix ``kernel`` [n, n] and one-hot ``y`` [n, N];
-    differentiable in ``kernel`` by implicit differentiation (see the module docstring)."""
-    return _solve(kernel, y, c, ridge, steps)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def svm_dual(kernel, y, c: float, ridge: float, steps: int, cg_steps: int, tol: float = 0.0):
+    """The dual solution alpha [n, N] for Gram matrix ``kernel`` [n, n] and one-hot ``y`` [n, N]
+    (``steps`` and ``tol`` as in ``solve``); differentiable in ``kernel`` by implicit
+    differentiation (see the module docstring)."""
+    return solve(kernel, y, c, ridge, steps, tol)[0]
 
 
-def _fwd(kernel, y, c, ridge, steps, cg_steps):
-    a, free = _solve(kernel, y, c, ridge, steps)
+def _fwd(kernel, y, c, ridge, steps, cg_steps, tol):
+    a, free, _ = solve(kernel, y, c, ridge, steps, tol)
     return a, (kernel, y, a, free)
 
 
-def _bwd(c, ridge, steps, cg_steps, res, v):
+def _bwd(c, ridge, steps, cg_steps, tol, res, v):
     kernel, y, a, free = res
     m = free.astype(a.dtype)
     count = jnp.maximum(m.sum(-1, keepdims=True), 1.0)
@@ -123,9 +164,9 @@ def _bwd(c, ridge, steps, cg_steps, res, v):
 svm_dual.defvjp(_fwd, _bwd)
 
 
-def logits(params, support_f, support_y, query_f, ways, *, c, ridge, steps, cg_steps):
+def logits(params, support_f, support_y, query_f, ways, *, c, ridge, steps, cg_steps, tol=0.0):
     y = jax.nn.one_hot(support_y, ways, dtype=support_f.dtype)
-    alpha = svm_dual(support_f @ support_f.T, y, c, ridge, steps, cg_steps)
+    alpha = svm_dual(support_f @ support_f.T, y, c, ridge, steps, cg_steps, tol)
     return jnp.exp(params["svm"]["log_scale"]) * (query_f @ support_f.T) @ alpha
 
 
@@ -137,7 +178,12 @@ def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes:
             "positive definite only for a strongly convex dual"
         )
     head_logits = functools.partial(
-        logits, c=a.c, ridge=a.dual_ridge, steps=a.solver_steps, cg_steps=a.cg_steps
+        logits,
+        c=a.c,
+        ridge=a.dual_ridge,
+        steps=a.solver_steps,
+        cg_steps=a.cg_steps,
+        tol=a.solver_tol,
     )
 
     def init_head(rng, dim):
