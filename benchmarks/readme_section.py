@@ -28,6 +28,11 @@ PARTS = [
         "python benchmarks/eval_throughput.py --setting 20w1s --name eval_throughput_20w1s",
     ),
     (
+        "metaoptnet_solver",
+        "MetaOptNet's dual solver: tolerance stop against fixed steps",
+        "python benchmarks/metaoptnet_solver.py",
+    ),
+    (
         "time_to_accuracy",
         "Time to accuracy",
         "python benchmarks/time_to_accuracy.py --budget_s 3600 --parallel 2",
