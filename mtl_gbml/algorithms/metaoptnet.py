@@ -18,12 +18,14 @@ momentum from the strong convexity r), until the projected-gradient step is at m
 ``solver_steps``). Any solver would do: the gradient does not look at its iterations.
 
 The step count the dual needs grows with sqrt(L / r), and L with the features' scale, so a fixed
-count is short of the solution as features grow in training. Measured on Omniglot Conv4
-features at initialisation (16 tasks each, relative error against a float64 solve): 20-way
-1-shot stops at 292 steps (error 1.4e-4); 20-way 5-shot at 535 (8.3e-4), where the fixed 300
-steps of the previous default left 1.3e-2; with the features tripled, 20-way 1-shot at 773
-(2.1e-4; 300 steps: 2.1e-2) and 20-way 5-shot reaches the 1000-step cap at 7.7e-3 (300 steps:
-0.15). The error is 100-1,600 times the tolerance in these runs.
+count is short of the solution as features grow in training. benchmarks/metaoptnet_solver.py
+(Omniglot Conv4 features at initialisation, 16 tasks each, the largest relative error against a
+float64 solve): 20-way 1-shot stops by step 292 (error 1.5e-4); 20-way 5-shot by 535 (9.2e-4),
+where the fixed 300 steps of the previous default left 1.4e-2; with the features tripled,
+20-way 1-shot by 773 (2.1e-4; 300 steps: 2.6e-2) and 20-way 5-shot reaches the 1000-step cap at
+7.8e-3 (300 steps: 0.16). On a trained backbone's 20-way 5-shot test episodes: 1.8e-3 by step
+687 (300 steps: 4.1e-2), with the same accuracy to 0.01 points. The error is 100-1,800 times
+the tolerance in these runs.
 
 Meta-gradient (implicit, KKT): at the solution, let P be the orthogonal projector onto the
 directions that keep the active bounds active and each row's sum at zero (per row: the coordinates
