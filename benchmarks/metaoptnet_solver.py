@@ -29,6 +29,14 @@ import _common as C  # noqa: E402
 OLD = {"algo.solver_steps": 300, "algo.solver_tol": 0.0}
 
 
+def _solvers(new: dict) -> list[tuple[str, int, float]]:
+    """(label, solver_steps, solver_tol): the old fixed-step solver and the new default."""
+    return [
+        ("fixed", OLD["algo.solver_steps"], OLD["algo.solver_tol"]),
+        ("tol", new["solver_steps"], new["solver_tol"]),
+    ]
+
+
 def _features(setting: str, tasks: int, run=None):
     """(support features [T, n, D], one-hot labels [T, n, N]) of ``tasks`` episodes: training
     episodes through the MetaOptNet config's Conv4 at initialisation (training mode, as the
@@ -98,10 +106,7 @@ def solver_rows(
                 "condition_median": float(np.median((lmax + ridge) / ridge)),
                 "reference_steps_max": int(np.max(ref_taken)),
             }
-            for label, steps, tol in (
-                ("fixed", OLD["algo.solver_steps"], OLD["algo.solver_tol"]),
-                ("tol", new["solver_steps"], new["solver_tol"]),
-            ):
+            for label, steps, tol in _solvers(new):
                 one = lambda k, t, steps=steps, tol=tol: metaoptnet.solve(
                     k, t, c, ridge, steps, tol
                 )
@@ -135,10 +140,7 @@ def run_accuracy(run, settings: list[str], episodes: int, new: dict) -> dict:
     config = run.config
     pool = datasets.load_pool(config.data, "test")
     out = {}
-    for label, steps, tol in (
-        ("fixed", OLD["algo.solver_steps"], OLD["algo.solver_tol"]),
-        ("tol", new["solver_steps"], new["solver_tol"]),
-    ):
+    for label, steps, tol in _solvers(new):
         c = config.copy_and_resolve_references()
         c.unlock()
         c.algo.solver_steps, c.algo.solver_tol = steps, tol
