@@ -72,21 +72,51 @@ def test_rerun_resumes_and_changes_nothing(finished_run):
     assert again["eval"] == results["eval"]
 
 
-def test_extra_validation_settings_are_logged_and_change_nothing_else(finished_run, tmp_path):
-    """train.val_extra_settings adds val_accuracy_<setting> beside val_accuracy; the primary
-    validation episodes, the chosen parameters and the test results equal a run without them."""
-    workdir, results = finished_run
+def _metrics(workdir) -> list[dict]:
+    return [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def per_step_run(tmp_path_factory, data_dir):
+    """The runlocal run again, logged after every step and validated on 3w1s too: each step's
+    own loss and accuracy, and what the extra validation setting changes (nothing else)."""
+    workdir = str(tmp_path_factory.mktemp("per_step"))
     config = load_config(CONFIG, "runlocal")
     config.unlock()
     config.train.val_extra_settings = ("3w1s",)
-    extra = train.train_and_evaluate(config, str(tmp_path))
-    read = lambda d: [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]
-    base, lines = read(workdir), read(str(tmp_path))
+    config.train.log_every = 1
+    return workdir, train.train_and_evaluate(config, workdir)
+
+
+def test_logged_loss_and_accuracy_are_means_over_the_steps_since_the_last_log(
+    finished_run, per_step_run
+):
+    """runlocal logs every 2 steps: each logged loss and accuracy is the mean of the two steps'
+    own values, which the run logged after every step reports one by one."""
+    base, each = _metrics(finished_run[0]), _metrics(per_step_run[0])
+    assert [x["step"] for x in each] == [1, 2, 3, 4]
+    for key in ("loss", "accuracy"):
+        means = [(each[i][key] + each[i + 1][key]) / 2 for i in (0, 2)]
+        assert [x[key] for x in base] == pytest.approx(means, rel=1e-6), key
+        assert len({x[key] for x in each}) == 4, key  # four different steps, not one repeated
+
+
+def test_extra_validation_settings_are_logged_and_change_nothing_else(finished_run, per_step_run):
+    """train.val_extra_settings adds val_accuracy_<setting> beside val_accuracy; the primary
+    validation episodes, the chosen parameters and the test results equal a run without them
+    (that run also logs every step, which changes nothing it is compared on either)."""
+    workdir, results = finished_run
+    base = _metrics(workdir)
+    lines = [x for x in _metrics(per_step_run[0]) if "val_accuracy" in x]
+    extra = per_step_run[1]
+    assert [x["step"] for x in lines] == [2, 4]
     assert [x["val_accuracy"] for x in lines] == [x["val_accuracy"] for x in base]
     assert all(0 <= x["val_accuracy_3w1s"] <= 100 for x in lines)
     assert not any("val_accuracy_3w1s" in x for x in base)
     assert extra["train"]["params_digest"] == results["train"]["params_digest"]
     assert extra["eval"] == results["eval"]
+    config = load_config(CONFIG, "runlocal")
+    config.unlock()
     config.train.val_extra_settings = ("3w",)
     with pytest.raises(ConfigError, match="3w"):
         validate(config)
@@ -178,12 +208,13 @@ def test_a_run_compiles_each_program_once(finished_run):
 
 
 def test_time_budget_stops_after_the_crossing_step_and_a_rerun_only_evaluates(
-    tmp_path, data_dir, capsys
+    tmp_path, data_dir, capsys, per_step_run
 ):
     """train.time_budget_s (the time-to-accuracy benchmark's equal budget): the step that crosses
     it is the last, logged, validated and checkpointed. The first step's compilation alone
     crosses a budget of 1 us, so the run stops at step 1 of 4. Rerun with the budget spent, it
-    restores step 1 and evaluates only: same parameters, same test accuracies."""
+    restores step 1 and evaluates only: same parameters, same test accuracies. Its log covers one
+    step of a 2-step logging interval: the mean over the steps taken, step 1's own values."""
     config = load_config(CONFIG, "runlocal")
     config.unlock()
     config.train.time_budget_s = 1e-6
@@ -193,6 +224,8 @@ def test_time_budget_stops_after_the_crossing_step_and_a_rerun_only_evaluates(
     assert (first["train"]["steps"], first["train"]["planned_steps"]) == (1, 4)
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert [x["step"] for x in lines] == [1] and "val_accuracy" in lines[0]
+    step1 = _metrics(per_step_run[0])[0]
+    assert (lines[0]["loss"], lines[0]["accuracy"]) == (step1["loss"], step1["accuracy"])
     assert sorted(d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == ["1"]
     again = train.train_and_evaluate(config, str(tmp_path))
     out = capsys.readouterr().out
