@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, subprocess_env
 
 from mtl_gbml.data import datasets, fake, prepare
 from mtl_gbml.data.errors import DataError
@@ -302,7 +302,7 @@ def test_a_second_preparer_waits_for_the_first_then_finds_the_dataset_built(tmp_
     fake.write_cifar100(raw, per_class_train=3, per_class_test=1)
     cmd = [sys.executable, "-m", "mtl_gbml.data.prepare", "--dataset", "cifar_fs"]
     cmd += ["--manual_dir", str(raw), "--data_dir", str(tfds_dir)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = subprocess_env(PYTHONPATH=str(ROOT))
     with datasets._prepare_lock(str(tfds_dir)):
         proc = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

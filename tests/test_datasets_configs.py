@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import subprocess_env
 
 from mtl_gbml.config_validation import validate
 from mtl_gbml.data import fake, prepare
@@ -125,7 +126,7 @@ def test_runlocal_through_the_cli(tiny, tmp_path):
         f"--config.data.tfds_dir={tfds_dir}",
         f"--workdir={work}",
     ]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = subprocess_env(PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("JAX_PLATFORMS", "cpu")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, subprocess_env
 
 NOTEBOOK = ROOT / "notebooks" / "colab_tpu.ipynb"
 
@@ -18,6 +18,12 @@ def test_colab_notebook_runs_in_quick_mode(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("MTL_GBML_NOTEBOOK_RUNS", str(tmp_path))
     monkeypatch.setenv("MTL_GBML_REPO", str(ROOT))
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    # the kernel trains as a user's would: without the test processes' XLA flag
+    kernel_env = subprocess_env()
+    for key in set(os.environ) - set(kernel_env):
+        monkeypatch.delenv(key)
+    for key, value in kernel_env.items():
+        monkeypatch.setenv(key, value)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
         nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}

@@ -14,7 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, subprocess_env
 
 CONFIG = "configs/omniglot/mtl.py:runlocal"
 # 8 tasks split over 1, 2, 4 or 8 devices; no validation, and the final evaluation at 5w1s only
@@ -39,7 +39,7 @@ COMMON = (
 
 
 def _env(devices: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    env = subprocess_env(PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
 

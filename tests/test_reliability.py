@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, load_config
+from conftest import ROOT, load_config, subprocess_env
 
 from mtl_gbml import train
 
@@ -25,7 +25,7 @@ OVERRIDES = [
 
 
 def _cli(workdir, *overrides):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = subprocess_env(PYTHONPATH=str(ROOT))
     cmd = [
         sys.executable,
         "-m",

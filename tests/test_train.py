@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, load_config
+from conftest import ROOT, load_config, subprocess_env
 
 from mtl_gbml import train
 from mtl_gbml.config_validation import ConfigError, validate
@@ -366,7 +366,7 @@ def test_tasks_vmapped_must_divide_the_tasks_of_a_step():
 
 
 def test_unknown_override_key_is_refused_with_a_suggestion(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = subprocess_env(PYTHONPATH=str(ROOT))
     r = subprocess.run(
         [
             sys.executable,

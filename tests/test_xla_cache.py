@@ -1,13 +1,12 @@
 """JAX's persistent compilation cache on CPU: the bug it has here, and the guard against it."""
 
-import os
 import subprocess
 import sys
 import warnings
 
 import jax
 import pytest
-from conftest import ROOT
+from conftest import ROOT, subprocess_env
 
 # A tolerance-stopped fit (a lax.while_loop), compiled in a fresh process that shares a cache
 # directory with the previous one; prints the steps each episode took. GUARD=1 calls the guard
@@ -26,8 +25,7 @@ print("steps", *np.asarray(fit(g)[2]).tolist())
 
 
 def _run(cache_dir, guard):
-    env = dict(
-        os.environ,
+    env = subprocess_env(
         PYTHONPATH=str(ROOT),
         JAX_COMPILATION_CACHE_DIR=str(cache_dir),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
