@@ -21,12 +21,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # processes use it (the in-process test files: 449-492 s -> 263-288 s, README). The code it
 # emits runs slower (that test's step: 0.02 -> 0.04 s), and processes the tests start (training
 # runs, the notebook's kernel) run many steps and test the code as users run it, so
-# `subprocess_env()` takes the flag back out. MTL_GBML_TEST_FULL_OPT=1 keeps XLA's default; an XLA_FLAGS that already sets the level wins.
+# `subprocess_env()` takes the flag back out. MTL_GBML_TEST_FULL_OPT=1 keeps XLA's default; an
+# XLA_FLAGS that already sets the level wins.
 TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
 _ADDED = "_MTL_GBML_TEST_ADDED_XLA_FLAG"  # inherited by xdist workers, so they strip it too
-if os.environ.get(
-    "MTL_GBML_TEST_FULL_OPT"
-) != "1" and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+_level_chosen = "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", "")
+if os.environ.get("MTL_GBML_TEST_FULL_OPT") != "1" and not _level_chosen:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAG}".strip()
     os.environ[_ADDED] = "1"
 
