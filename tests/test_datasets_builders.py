@@ -8,6 +8,7 @@ off the pixels: stored labels, sampled episodes (labels, class_ids), split membe
 import json
 import os
 import pickle
+import tempfile
 
 import jax
 import ml_collections
@@ -206,6 +207,43 @@ def test_packaged_split_lists_are_disjoint_and_complete():
     split_dir = os.path.join(os.path.dirname(datasets.__file__), "splits")
     fc = [json.load(open(os.path.join(split_dir, "fc100", f"{s}.json"))) for s in SPLITS]
     assert [len(x) for x in fc] == [12, 4, 4] and sorted(sum(fc, [])) == coarse
+
+
+def test_preparing_leaves_nothing_in_the_temp_dir_and_later_loads_read_the_array_cache(
+    tmp_path, monkeypatch
+):
+    """Preparing leaves nothing in the system's temporary directory: TFDS's builder, made before
+    its dataset exists, creates an empty ``mkdtemp("tfds")`` directory that it never removes, and
+    the preparation lock lives in the TFDS directory. The decoded-array cache of an RGB dataset
+    is found again (its builder has no config directory): a later load needs no TFDS builder."""
+    systmp = tmp_path / "systmp"
+    systmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(systmp))
+    raw, tfds_dir = tmp_path / "raw", tmp_path / "tfds"
+    fake.write_tiered_imagenet(raw, classes={"train": 3, "val": 2, "test": 2}, per_class=2)
+    assert datasets.prepare_from("tiered_imagenet", str(raw), str(tfds_dir))
+    assert os.listdir(systmp) == []
+    assert (tfds_dir / datasets.LOCK_FILE).is_file()
+    x, y = datasets.load_arrays(_cfg("tiered_imagenet", tfds_dir), "val")
+    vdir = datasets._version_dir("tiered_imagenet", "standard", str(tfds_dir))
+    builder = datasets._builder("tiered_imagenet", "standard", str(tfds_dir))
+    assert os.path.samefile(vdir, str(builder.data_dir))
+    datasets._load_arrays.cache_clear()
+
+    def no_builder(*args):
+        raise AssertionError(f"a TFDS builder was made for {args}: the array cache was missed")
+
+    monkeypatch.setattr(datasets, "_builder", no_builder)
+    again_x, again_y = datasets.load_arrays(_cfg("tiered_imagenet", tfds_dir), "val")
+    np.testing.assert_array_equal(again_x, x)
+    np.testing.assert_array_equal(again_y, y)
+    assert os.listdir(systmp) == []
+
+
+def test_an_unwritable_tfds_dir_is_named(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataError, match=r"a_file/tfds.*Set data\.tfds_dir"):
+        datasets.prepare_from("cifar_fs", str(tmp_path / "raw"), str(tmp_path / "a_file/tfds"))
 
 
 # --- missing and malformed files: a DataError naming the file and the expected format ---

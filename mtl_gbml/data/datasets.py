@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import hashlib
 import os
+import shutil
 import tempfile
 
 import ml_collections
@@ -66,25 +66,58 @@ def _builder(name: str, protocol: str, tfds_dir: str):
     if name in BUILDERS:
         if protocol not in PROTOCOLS[name]:
             raise ValueError(f"data.protocol={protocol!r} for {name}; use {PROTOCOLS[name]}")
-        return getattr(_module(name), BUILDERS[name][1])(data_dir=tfds_dir or None)
-    from mtl_gbml.data.omniglot import OmniglotFewShot
+        cls, kwargs = getattr(_module(name), BUILDERS[name][1]), {}
+    else:
+        from mtl_gbml.data.omniglot import OmniglotFewShot as cls
 
-    return OmniglotFewShot(config=protocol, data_dir=tfds_dir or None)
+        kwargs = {"config": protocol}
+    info = os.path.join(_version_dir(name, protocol, tfds_dir), "dataset_info.json")
+    with contextlib.nullcontext() if os.path.exists(info) else _scratch_tempdir():
+        return cls(data_dir=tfds_dir or None, **kwargs)
+
+
+@contextlib.contextmanager
+def _scratch_tempdir():
+    """``tempfile``'s directory redirected to a scratch directory, removed on exit.
+
+    A TFDS builder constructed before its dataset is prepared makes a directory with
+    ``tempfile.mkdtemp("tfds")`` for metadata from Google Cloud Storage
+    (``DatasetInfo.initialize_from_bucket``) and never removes it, even when GCS is off: two empty
+    ``/tmp/tmp*tfds`` directories were left behind by every preparation.
+    """
+    scratch = tempfile.mkdtemp(prefix="mtl_gbml_tfds_")
+    previous, tempfile.tempdir = tempfile.tempdir, scratch
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+LOCK_FILE = ".mtl_gbml_prepare.lock"
 
 
 @contextlib.contextmanager
 def _prepare_lock(tfds_dir: str):
     """An exclusive lock per TFDS data directory, across processes of this machine: two runs (two
     pytest workers, ``time_to_accuracy.py --parallel 2`` on a fresh machine) must not both build
-    the same dataset, whose TFDS temporary directories and final rename would collide."""
+    the same dataset, whose TFDS temporary directories and final rename would collide. The lock
+    file lives in the data directory itself, so it goes wherever that directory goes."""
     root = os.path.abspath(
         tfds_dir
         or os.environ.get("TFDS_DATA_DIR")
         or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
     )
-    digest = hashlib.sha256(root.encode()).hexdigest()[:16]
-    path = os.path.join(tempfile.gettempdir(), f"mtl_gbml_prepare_{digest}.lock")
-    with open(path, "a") as f:
+    path = os.path.join(root, LOCK_FILE)
+    try:
+        os.makedirs(root, exist_ok=True)
+        f = open(path, "a")
+    except OSError as e:
+        raise DataError(
+            f"cannot prepare a dataset in the TFDS data directory {root}: {e}. Set data.tfds_dir "
+            "(or $TFDS_DATA_DIR) to a writable directory"
+        ) from e
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, a crash included
         yield
 
@@ -165,7 +198,10 @@ def _version_dir(name: str, protocol: str, tfds_dir: str) -> str:
     root = (
         tfds_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
     )
-    return os.path.join(root, cls.name, protocol, str(cls.VERSION))
+    # TFDS names a config directory only for builders with configs (Omniglot's protocols); the RGB
+    # builders have none and keep their data in <root>/<name>/<version>
+    parts = (cls.name, protocol) if cls.BUILDER_CONFIGS else (cls.name,)
+    return os.path.join(root, *parts, str(cls.VERSION))
 
 
 def _cache_paths(version_dir: str, split: str) -> tuple[str, str]:
