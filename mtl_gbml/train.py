@@ -28,6 +28,7 @@ from mtl_gbml import algorithms, models, optim, parallel, xla_cache
 from mtl_gbml.checkpointing import Checkpointer
 from mtl_gbml.config_validation import ConfigError, validate
 from mtl_gbml.data import datasets
+from mtl_gbml.data.errors import DataError
 from mtl_gbml.data.sampler import prepare_tasks, sample_tasks
 from mtl_gbml.evaluation import evaluate, parse_setting, setting_key
 from mtl_gbml.reporting import MetricsWriter, params_digest, write_results
@@ -231,6 +232,26 @@ def _load_pool(data_config, split: str):
     return pool
 
 
+def _check_train_pool(pool, data_config) -> None:
+    """The loaded training split against the config, before anything compiles. Config validation
+    knows the published sizes; a truncated or hand-made copy of a dataset holds what it holds, and
+    the sampler would fill a short class's missing slots with another class's images."""
+    d = data_config
+    if d.ways > pool.num_classes:
+        raise DataError(
+            f"data.ways={d.ways} but the prepared {d.name}/{d.protocol} train split has "
+            f"{pool.num_classes} classes (the published one has more): lower data.ways, or "
+            "prepare the dataset again from complete files"
+        )
+    if d.shots + d.queries > pool.min_per_class:
+        raise DataError(
+            f"data.shots + data.queries = {d.shots + d.queries} but the smallest class of the "
+            f"prepared {d.name}/{d.protocol} train split has {pool.min_per_class} images (the "
+            "published one has more): lower data.queries, or prepare the dataset again from "
+            "complete files"
+        )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint), evaluate, write results."""
     parallel.initialize(config.get("parallel"))  # before anything touches the devices
@@ -244,7 +265,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     mesh = make_mesh()
     replicated = NamedSharding(mesh, PartitionSpec())
-    train_pool = parallel.put(_load_pool(config.data, "train"), replicated)
+    train_pool = _load_pool(config.data, "train")
+    _check_train_pool(train_pool, config.data)
+    train_pool = parallel.put(train_pool, replicated)
     model = models.build(config.model)
     algorithm = algorithms.build(config.algorithm, model, config, train_pool.num_classes)
     tx = optim.make(config.optimizer, config.train.steps)

@@ -385,3 +385,36 @@ def test_unknown_override_key_is_refused_with_a_suggestion(tmp_path):
     assert r.returncode != 0
     assert "stesp" in r.stderr and "steps" in r.stderr
     assert not os.path.exists(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize(
+    "keep_classes, keep_images, message",
+    [
+        (None, 2, r"data.shots \+ data.queries = 3 but the smallest class .* has 2 images"),
+        (1, None, r"data.ways=5 but the prepared omniglot/vinyals train split has 4 classes"),
+    ],
+)
+def test_a_truncated_train_split_fails_before_compiling(
+    tmp_path, monkeypatch, data_dir, keep_classes, keep_images, message
+):
+    """Config validation knows the published split sizes; the split a run loads may be a
+    truncated copy. Too few images in a class (the sampler would fill the missing slots with
+    another class's images) or too few classes is a DataError before anything compiles."""
+    from mtl_gbml.data import datasets
+    from mtl_gbml.data.errors import DataError
+    from mtl_gbml.data.sampler import make_pool
+
+    config = load_config(CONFIG, "runlocal")
+    x, y = datasets.load_arrays(config.data, "train")
+    keep = np.zeros(len(y), bool)
+    for c in np.unique(y)[:keep_classes]:
+        keep[np.flatnonzero(y == c)[:keep_images]] = True
+    truncated = make_pool(x[keep], y[keep], rotations=config.data.rotations)
+    monkeypatch.setattr(datasets, "load_pool", lambda *a, **k: truncated)
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("the step was built before the data was checked")
+
+    monkeypatch.setattr(train, "make_train_step", no_compile)
+    with pytest.raises(DataError, match=message):
+        train.train_and_evaluate(config, str(tmp_path))
