@@ -12,6 +12,7 @@ import jax
 
 from mtl_gbml.data import datasets
 from mtl_gbml.evaluation import evaluate, parse_setting
+from mtl_gbml.reporting import atomic_write
 from mtl_gbml.run_loading import load_run
 
 
@@ -48,8 +49,7 @@ def evaluate_workdir(
         "bn_mode": c.model.bn_mode,
         "eval": res,
     }
-    with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    atomic_write(os.path.join(workdir, f"eval_{split}.json"), json.dumps(out, indent=2))
     return out
 
 

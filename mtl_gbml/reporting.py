@@ -19,6 +19,21 @@ def params_digest(params: Any) -> str:
     return h.hexdigest()
 
 
+def atomic_write(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader, or a rerun after a kill mid-write, sees the old
+    file or the new one, never a torn one: a temporary file beside it, synced, then renamed."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 class MetricsWriter:
     """Appends one JSON object per logged step; on resume, drops lines past the restored step."""
 
@@ -29,11 +44,11 @@ class MetricsWriter:
             for line in open(self.path):
                 try:
                     if json.loads(line)["step"] <= resume_step:
-                        keep.append(line)
+                        # a last line cut just before its newline still parses: end it
+                        keep.append(line if line.endswith("\n") else line + "\n")
                 except (json.JSONDecodeError, KeyError):
                     continue  # a torn last line from a killed run
-            with open(self.path, "w") as f:
-                f.writelines(keep)
+            atomic_write(self.path, "".join(keep))  # a kill now must not lose the history
         self.tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -75,7 +90,5 @@ def results_markdown(results: dict) -> str:
 
 
 def write_results(workdir: str, results: dict) -> None:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(results_markdown(results))
+    atomic_write(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
+    atomic_write(os.path.join(workdir, "results.md"), results_markdown(results))

@@ -31,7 +31,7 @@ from mtl_gbml.data import datasets
 from mtl_gbml.data.errors import DataError
 from mtl_gbml.data.sampler import prepare_tasks, sample_tasks
 from mtl_gbml.evaluation import evaluate, parse_setting, setting_key
-from mtl_gbml.reporting import MetricsWriter, params_digest, write_results
+from mtl_gbml.reporting import MetricsWriter, atomic_write, params_digest, write_results
 
 
 @flax.struct.dataclass
@@ -49,7 +49,7 @@ class TrainState:
     acc_sum: jax.Array
     count: jax.Array
     skipped: jax.Array
-    bad_loss_step: jax.Array  # first step with a non-finite loss, -1 if none
+    bad_loss_step: jax.Array  # first step with a non-finite loss (1 = the first step), -1 if none
     bad_grad_step: jax.Array  # first step with a non-finite gradient, -1 if none
 
 
@@ -119,7 +119,8 @@ def make_train_step(
             params = keep(params, ts.params)
             opt_state = keep(opt_state, ts.opt_state)
             model_state = keep(model_state, ts.model_state)
-        first = lambda cur, good: jnp.where((cur < 0) & ~good, ts.step, cur)
+        # the step's number as logs and checkpoints count it: steps completed once it is done
+        first = lambda cur, good: jnp.where((cur < 0) & ~good, ts.step + 1, cur)
         return ts.replace(
             step=ts.step + 1,
             params=params,
@@ -201,8 +202,7 @@ def _check_config_matches(workdir: str, config: ml_collections.ConfigDict) -> No
             )
     parallel.sync("config_checked")  # every process has read the old file
     if parallel.is_primary():
-        with open(path, "w") as f:
-            json.dump(new, f, indent=2)
+        atomic_write(path, json.dumps(new, indent=2))
 
 
 def _scalar(x, dtype=jnp.float32):
@@ -378,14 +378,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             eval_now = config.train.eval_every and (s % config.train.eval_every == 0 or s == total)
             budget = config.train.time_budget_s
             out_of_time = budget > 0 and wall0 + (time.time() - t_loop) >= budget
+            # A signal acts at the step where it is read here: checkpoint, then exit. One that
+            # comes later (while this step logs or validates) waits for the next step, so the
+            # exit always follows a save, and every process sees the same one.
+            signum = stop["signal"]
             if jax.process_count() > 1:  # process 0's clock and signals decide for all
-                agreed = parallel.agree([out_of_time, stop["signal"] or 0])
-                out_of_time, stop["signal"] = bool(agreed[0]), int(agreed[1]) or None
+                agreed = parallel.agree([out_of_time, signum or 0])
+                out_of_time, signum = bool(agreed[0]), int(agreed[1]) or None
             if out_of_time:  # the step that crosses the budget is the last one
                 total = s
                 log_now = True
                 eval_now = bool(config.train.eval_every)
-            ckpt_now = s % config.checkpoint.every == 0 or s == total or stop["signal"]
+            ckpt_now = s % config.checkpoint.every == 0 or s == total or bool(signum)
             if log_now or eval_now or ckpt_now:
                 check_finite(ts)
                 now = time.time()
@@ -430,11 +434,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if out_of_time:
                 print(f"Time budget train.time_budget_s={budget} reached at step {s}.")
                 break
-            if stop["signal"]:
+            if signum:
                 bar.close()
                 print(
-                    f"Received signal {stop['signal']}: saved checkpoint at step {s}; rerun with "
-                    f"the same --workdir to resume."
+                    f"Received signal {signum}: saved checkpoint at step {s}; rerun with the "
+                    "same --workdir to resume."
                 )
                 raise SystemExit(0)
     finally:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,8 +52,8 @@ def _finish(proc) -> str:
 # bring back the best-validation parameters, accuracy and step from the checkpoint, not only the
 # weights. The reference run's best validation is step 20's, so a resume that lost it evaluates
 # other parameters (checked: resetting best_val after the restore fails on evaluated_params).
-# Logging every 40 steps, the checkpoint resumed from (25-35) holds a part-summed loss: a resume
-# that lost it logs another mean loss at step 40 (checked: zeroing loss_sum fails on loss).
+# Logging every 40 steps, the checkpoints resumed from (25-35, then 20+ steps later) hold a part-summed
+# loss: a resume that lost it logs another mean loss (checked: zeroing loss_sum fails on loss).
 AFTER_STEP = 25
 
 
@@ -93,16 +94,31 @@ def _same_run(a, b):
         assert [m.get(key) for m in ma] == [m.get(key) for m in mb], key
 
 
-def test_sigkill_and_a_torn_checkpoint_write_then_resume_matches(reference, tmp_path):
-    """SIGKILL at an arbitrary step, then what a kill in the middle of orbax's write leaves on top
-    (a temporary directory, never renamed, its files truncated): the rerun ignores the torn write,
-    resumes from the last complete checkpoint and ends exactly like the uninterrupted run."""
-    code, _ = _interrupt(tmp_path, signal.SIGKILL)
-    assert code == -signal.SIGKILL, "the run finished before it could be killed"
+def _latest_checkpoint(workdir) -> int:
+    return max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+
+
+def test_sigterm_then_sigkill_and_a_torn_checkpoint_write_then_resume_matches(reference, tmp_path):
+    """One run stopped twice, as a preempted job is. SIGTERM: it saves a checkpoint and exits
+    cleanly. Resumed, it is SIGKILLed at an arbitrary later step (again inside a logging interval,
+    after two more validations), and what a kill in the middle of orbax's write leaves is put on
+    top (a temporary directory, never renamed, its files truncated). The last rerun ignores the
+    torn write, resumes from the last complete checkpoint and ends exactly like the uninterrupted
+    run: both resumes restored the parameters, the best validation and the part-summed logs."""
+    code, out = _interrupt(tmp_path, signal.SIGTERM)
+    assert code == 0, out[-3000:]
+    assert "saved checkpoint at step" in out
     assert not (tmp_path / "results.json").exists()
+    first = _latest_checkpoint(tmp_path)
+    assert first >= AFTER_STEP
+
+    code, out = _interrupt(tmp_path, signal.SIGKILL, after_step=first + 20)
+    assert code == -signal.SIGKILL, "the resumed run finished before it could be killed"
+    assert f"Resumed from checkpoint at step {first}" in out
+    assert not (tmp_path / "results.json").exists()
+    latest = _latest_checkpoint(tmp_path)
+    assert latest >= first + 20
     ckpt = tmp_path / "checkpoints"
-    latest = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
-    assert latest >= AFTER_STEP
     torn = ckpt / f"{latest + 5}.orbax-checkpoint-tmp-1234567"
     shutil.copytree(ckpt / str(latest), torn)
     for root, _, files in os.walk(torn):
@@ -114,13 +130,35 @@ def test_sigkill_and_a_torn_checkpoint_write_then_resume_matches(reference, tmp_
     _same_run(reference, tmp_path)
 
 
-def test_sigterm_checkpoints_and_exits_cleanly_then_resume_matches(reference, tmp_path):
-    code, out = _interrupt(tmp_path, signal.SIGTERM)
-    assert code == 0, out[-3000:]
-    assert "saved checkpoint at step" in out
-    assert not (tmp_path / "results.json").exists()
-    _finish(_cli(tmp_path))
-    _same_run(reference, tmp_path)
+def test_a_signal_while_a_step_logs_is_acted_on_at_the_next_step_with_a_checkpoint(
+    tmp_path, data_dir, monkeypatch, capsys
+):
+    """A SIGTERM that comes after a step's checkpoint decision (here while step 2 is logged;
+    logging more often than checkpointing) is acted on at the next step: it saves a checkpoint,
+    then exits saying so. It used to exit at once, announcing a checkpoint it never wrote."""
+    from mtl_gbml import reporting
+
+    config = load_config(CONFIG, "runlocal")
+    config.unlock()
+    config.train.steps, config.train.log_every, config.train.eval_every = 6, 1, 0
+    config.checkpoint.every = 100
+    config.eval.settings = ("5w1s",)
+
+    class SignalWhileLoggingStep2(reporting.MetricsWriter):
+        def write(self, record):
+            super().write(record)
+            if record["step"] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train, "MetricsWriter", SignalWhileLoggingStep2)
+    with pytest.raises(SystemExit) as stopped:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert stopped.value.code == 0
+    out = capsys.readouterr().out
+    assert "Received signal 15: saved checkpoint at step 3;" in out, out
+    saved = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+    assert saved == [3]
+    assert [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]
 
 
 def _absurd_lr_config(nonfinite):
@@ -134,8 +172,14 @@ def _absurd_lr_config(nonfinite):
 
 
 def test_nonfinite_loss_stops_with_step_and_quantity(tmp_path, data_dir):
-    with pytest.raises(train.NonFiniteError, match=r"non-finite (loss|gradient) at step \d+"):
-        train.train_and_evaluate(_absurd_lr_config("raise"), str(tmp_path))
+    config = _absurd_lr_config("raise")
+    config.checkpoint.every = 1
+    with pytest.raises(train.NonFiniteError, match=r"non-finite (loss|gradient) at step \d+") as e:
+        train.train_and_evaluate(config, str(tmp_path))
+    # the step is counted as checkpoints and logs count them: the one before it is the last good
+    bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
+    saved = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+    assert bad >= 1 and max(saved, default=0) == bad - 1, (bad, saved)
     # every checkpoint left behind holds finite parameters (none is written after a bad step)
     from mtl_gbml.run_loading import load_run
 
