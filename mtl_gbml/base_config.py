@@ -4,6 +4,8 @@ override. Every key the code reads is declared here; configs are locked, so a mi
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 
@@ -103,3 +105,20 @@ def get_config(algorithm: str = "mtl") -> ml_collections.ConfigDict:
 
     c.algo = algorithms.default_config(algorithm)
     return c
+
+
+# Config keys added after runs had been saved without them, with the value the code used before
+# the key existed. A saved config that lacks one of these is compared as if it held that value, so
+# an old run resumes only under the settings it ran with. A saved config that lacks any other key is
+# refused: nobody recorded what the run did there. ``run_loading.load_run`` rebuilds such a run with
+# these values too. Give every new key an entry here; tests/test_train.py fails on a key that is
+# in neither this table nor tests/config_keys.json.
+LEGACY_VALUES: dict[str, Any] = {
+    "model.block": "reference",  # 10842c6 ('fused' is the same function, other float rounding)
+    "model.chunk_first": 0,  # 2329aa7 (0: the first block unchunked)
+    "algo.tasks_vmapped": 0,  # 7ad080c (0: every task in one vmap)
+    "algo.cg_damping": 0.0,  # 53cda7d (iMAML's CG solved the undamped system before)
+    "algo.lam_damping": 0.0,  # 53cda7d
+    "train.val_extra_settings": [],  # f6746c4
+    "algo.solver_tol": 0.0,  # MetaOptNet ran its solver_steps in full before
+}

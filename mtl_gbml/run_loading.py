@@ -26,6 +26,30 @@ class LoadedRun:
     which: str  # 'best validation (step S)' or 'final'
 
 
+def saved_config(saved: dict) -> ml_collections.ConfigDict:
+    """The config a run was trained with, from its config.json: the saved values over today's
+    defaults. A key added since the run was made takes the value the code used before the key
+    existed (``base_config.LEGACY_VALUES``), as resuming the run does; other new keys take their
+    defaults."""
+    config = base_config.get_config(saved["algorithm"])
+
+    def put(sec: str, k: str, v: Any) -> None:
+        config[sec][k] = tuple(v) if isinstance(config[sec][k], tuple) else v
+
+    for sec, value in saved.items():
+        if isinstance(value, dict) and sec in config:
+            for k, v in value.items():
+                if k in config[sec]:
+                    put(sec, k, v)
+        elif sec in config:
+            config[sec] = value
+    for key, v in base_config.LEGACY_VALUES.items():
+        sec, k = key.split(".")
+        if isinstance(saved.get(sec), dict) and k not in saved[sec] and k in config[sec]:
+            put(sec, k, v)
+    return config
+
+
 def load_run(workdir: str, use_best: bool | None = None) -> LoadedRun:
     """The run in ``workdir`` at its latest checkpoint (best-validation parameters by default,
     as the final evaluation uses them when validation ran)."""
@@ -34,16 +58,7 @@ def load_run(workdir: str, use_best: bool | None = None) -> LoadedRun:
     ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: {workdir} is not a mtl_gbml run directory")
-    saved = json.load(open(cfg_path))
-    # the saved values over today's defaults: keys added since the run was made keep their defaults
-    config = base_config.get_config(saved["algorithm"])
-    for sec, value in saved.items():
-        if isinstance(value, dict) and sec in config:
-            for k, v in value.items():
-                if k in config[sec]:
-                    config[sec][k] = tuple(v) if isinstance(config[sec][k], tuple) else v
-        elif sec in config:
-            config[sec] = value
+    config = saved_config(json.load(open(cfg_path)))
     manager = ocp.CheckpointManager(ckpt_dir, item_handlers=ocp.StandardCheckpointHandler())
     step = manager.latest_step()
     if step is None:

@@ -25,6 +25,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtl_gbml import algorithms, models, optim, parallel, xla_cache
+from mtl_gbml.base_config import LEGACY_VALUES
 from mtl_gbml.checkpointing import Checkpointer
 from mtl_gbml.config_validation import ConfigError, validate
 from mtl_gbml.data import datasets
@@ -138,20 +139,6 @@ def make_train_step(
     return jax.jit(step, out_shardings=out, donate_argnums=0)
 
 
-# Config keys added after runs had been saved without them, with the value the code used before
-# the key existed. A saved config that lacks one of these is compared as if it held that value, so
-# an old run resumes only under the settings it ran with. A saved config that lacks any other key is
-# refused: nobody recorded what the run did there. Give every new key an entry here;
-# tests/test_train.py fails on a key that is in neither this table nor tests/config_keys.json.
-LEGACY_VALUES: dict[str, Any] = {
-    "model.block": "reference",  # 10842c6 ('fused' is the same function, other float rounding)
-    "model.chunk_first": 0,  # 2329aa7 (0: the first block unchunked)
-    "algo.tasks_vmapped": 0,  # 7ad080c (0: every task in one vmap)
-    "algo.cg_damping": 0.0,  # 53cda7d (iMAML's CG solved the undamped system before)
-    "algo.lam_damping": 0.0,  # 53cda7d
-    "train.val_extra_settings": [],  # f6746c4
-    "algo.solver_tol": 0.0,  # MetaOptNet ran its solver_steps in full before
-}
 _UNCHECKED_SECTIONS = ("eval", "parallel")  # neither changes the trained parameters
 _ABSENT = object()
 
