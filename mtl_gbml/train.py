@@ -139,7 +139,15 @@ def make_train_step(
     return jax.jit(step, out_shardings=out, donate_argnums=0)
 
 
-_UNCHECKED_SECTIONS = ("eval", "parallel")  # neither changes the trained parameters
+_UNCHECKED_SECTIONS = ("eval", "parallel")  # neither changes the trained parameters, except:
+# validation (train.eval_every > 0) reads these, and its accuracies pick the best parameters
+_VALIDATION_KEYS = (
+    "eval.queries",
+    "eval.batch",  # which episodes: a batch's episodes come from one key
+    "eval.logreg_c",
+    "eval.logreg_steps",
+    "eval.logreg_tol",
+)
 _ABSENT = object()
 
 
@@ -155,7 +163,10 @@ def config_differences(old: dict, new: dict) -> list[str]:
     old_flat, new_flat = _flatten(old), _flatten(new)
     diffs = []
     for key in sorted(set(old_flat) | set(new_flat)):
-        if key.split(".")[0] in _UNCHECKED_SECTIONS:
+        validated = key in _VALIDATION_KEYS and any(
+            f.get("train.eval_every") for f in (old_flat, new_flat)
+        )
+        if key.split(".")[0] in _UNCHECKED_SECTIONS and not validated:
             continue
         was = old_flat.get(key, LEGACY_VALUES.get(key, _ABSENT))
         now = new_flat.get(key, _ABSENT)

@@ -138,7 +138,8 @@ def _saved(config) -> dict:
 def test_config_differences_compare_keys_missing_from_a_saved_config_at_their_old_values():
     """A run saved before iMAML's CG damping keys existed ran undamped: resuming it with the
     damped defaults is a difference, resuming with both at 0 is not. A missing key with no
-    recorded old value is a difference; eval and parallel keys never are."""
+    recorded old value is a difference; parallel keys never are, nor eval keys that validation
+    does not read."""
     config = load_config("configs/omniglot/imaml.py")
     old = _saved(config)
     del old["algo"]["cg_damping"], old["algo"]["lam_damping"]
@@ -164,6 +165,22 @@ def test_config_differences_compare_keys_missing_from_a_saved_config_at_their_ol
     assert train.config_differences(old, _saved(config)) == [
         "algo.retired_key: 3 in the saved config, no longer a key"
     ]
+
+
+@pytest.mark.parametrize("key", ["queries", "batch", "logreg_c", "logreg_steps", "logreg_tol"])
+def test_eval_keys_that_validation_reads_are_compared_when_the_run_validates(key):
+    """Validation picks the best parameters, which the test evaluation uses; it reads these eval
+    keys (the queries, the episodes' keys per batch, MTL's head), so resuming with another value
+    mixes two selections. Without validation they change only the final evaluation."""
+    config = load_config(CONFIG, "runlocal")
+    assert config.train.eval_every > 0
+    old = _saved(config)
+    old["eval"][key] = old["eval"][key] * 2
+    diffs = train.config_differences(old, _saved(config))
+    assert [d.split(":")[0] for d in diffs] == [f"eval.{key}"]
+    config.unlock()
+    config.train.eval_every = old["train"]["eval_every"] = 0
+    assert train.config_differences(old, _saved(config)) == []
 
 
 def test_resume_of_a_run_saved_without_a_new_key_is_refused_and_names_it(tmp_path):
