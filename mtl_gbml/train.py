@@ -387,6 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 total = s
                 log_now = True
                 eval_now = bool(config.train.eval_every)
+            log_now = log_now or bool(eval_now)  # every metrics line carries the training metrics
             ckpt_now = s % config.checkpoint.every == 0 or s == total or bool(signum)
             if log_now or eval_now or ckpt_now:
                 check_finite(ts)
@@ -413,11 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 seg_start, seg_step = now, s
             if eval_now:
                 ts, acc, extra = validate_now(ts)
-                if log_now:
-                    rec.update(val_accuracy=acc, **extra)
-                else:
-                    rec = {"step": s, "val_accuracy": acc, **extra, "wall_s": wall}
-                    writer.write(rec)
+                rec.update(val_accuracy=acc, **extra)
             if log_now:
                 writer.write(rec)
                 fmt = lambda v: "skipped" if v is None else f"{v:.3f}"

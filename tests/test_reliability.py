@@ -52,8 +52,9 @@ def _finish(proc) -> str:
 # bring back the best-validation parameters, accuracy and step from the checkpoint, not only the
 # weights. The reference run's best validation is step 20's, so a resume that lost it evaluates
 # other parameters (checked: resetting best_val after the restore fails on evaluated_params).
-# Logging every 40 steps, the checkpoints resumed from (25-35, then 20+ steps later) hold a part-summed
-# loss: a resume that lost it logs another mean loss (checked: zeroing loss_sum fails on loss).
+# Logged every 40 steps and at every validation (every 20), the checkpoints resumed from (25-35,
+# then 20+ steps later) hold part-summed losses: a resume that lost them logs another mean loss
+# (checked: zeroing loss_sum fails on loss).
 AFTER_STEP = 25
 
 
@@ -82,6 +83,17 @@ def reference(tmp_path_factory, data_dir):
         "validation stays the best; move AFTER_STEP past the reference run's best step"
     )
     return workdir
+
+
+def test_every_metrics_line_carries_the_training_metrics(reference):
+    """DESIGN's contract: each line has step, loss, accuracy, steps_per_sec and wall_s. A
+    validation at a step that is not a logging step (every 20 here, logging every 40) logs then
+    too, instead of writing a line with the validation accuracy alone."""
+    lines = [json.loads(x) for x in open(reference / "metrics.jsonl")]
+    assert [m["step"] for m in lines] == list(range(20, 121, 20))
+    for m in lines:
+        assert {"step", "loss", "accuracy", "steps_per_sec", "wall_s", "val_accuracy"} <= set(m)
+        assert np.isfinite(m["loss"]) and 0 <= m["accuracy"] <= 1
 
 
 def _same_run(a, b):
