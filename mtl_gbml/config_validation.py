@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import difflib
 
+import jax.numpy as jnp
 import ml_collections
 
 from mtl_gbml import algorithms, models, optim
+from mtl_gbml.algorithms.whole_network import HEAD_INITS
 from mtl_gbml.data import datasets
+from mtl_gbml.models.conv4 import BLOCKS, CONV_IMPLS
 
 # classes (Omniglot: characters) per split and the fewest images per class, known without reading
 # the data
@@ -21,6 +24,12 @@ _FACTS = {
     ("fc100", "standard"): ({"train": 60, "val": 20, "test": 20}, 600),  # 12/4/4 superclasses
 }
 WHOLE_NETWORK = ("maml", "fomaml", "imaml", "minibatchprox")
+# algorithms whose training loss is on the support and query merged (mtl: one set per task;
+# minibatchprox: its inner solve and loss see all of a task's images), so they train with
+# data.queries=0; every other one's loss is the query loss alone, a mean over no query examples
+TRAIN_WITHOUT_QUERIES = ("mtl", "minibatchprox")
+# the values mtl.init_head accepts (tests/test_config_validation.py keeps the two in step)
+MTL_HEAD_INITS = ("official", "zeros", "normal")
 
 
 class ConfigError(ValueError):
@@ -36,6 +45,48 @@ def split_facts(config: ml_collections.ConfigDict, split: str) -> tuple[int, int
     """(classes, images per class) of a split, rotations included."""
     sizes, per_class = _FACTS[(config.data.name, config.data.protocol)]
     return sizes[split] * (4 if config.data.rotations else 1), per_class
+
+
+def _parse_setting(key: str, setting: str) -> tuple[int, int]:
+    """(ways, shots) of ``setting``, taken from config key ``key``."""
+    from mtl_gbml.evaluation import parse_setting
+
+    try:
+        return parse_setting(setting)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from e
+
+
+def _check_setting(
+    c: ml_collections.ConfigDict,
+    key: str,
+    setting: str,
+    ways: int,
+    shots: int,
+    split: str,
+    fix: str = "lower its ways",
+) -> None:
+    """An evaluation or validation setting (from config key ``key``) that runs on ``split``;
+    ``fix``: how to lower its ways."""
+    if ways < 1 or shots < 1:
+        raise ConfigError(f"{key}: setting {setting!r} needs at least 1 way and 1 shot")
+    n_cls, n_img = split_facts(c, split)
+    if ways > n_cls:
+        raise ConfigError(
+            f"{key}: setting {setting!r}: {ways} ways but split {split!r} has {n_cls} classes"
+            f"{' (rotations included)' if c.data.rotations else ''}; {fix}"
+        )
+    if shots + c.eval.queries > n_img:
+        raise ConfigError(
+            f"{key}: setting {setting!r}: {shots} shots + eval.queries={c.eval.queries} exceed "
+            f"the {n_img} images per class of split {split!r}; lower eval.queries or the shots"
+        )
+    learned = c.algo.get("head_init") == "learned"
+    if c.algorithm in WHOLE_NETWORK + ("anil",) and learned and ways > c.data.ways:
+        raise ConfigError(
+            f"{key}: setting {setting!r}: {ways} ways but algo.head_init='learned' meta-learns "
+            f"data.ways={c.data.ways} head rows; {fix} or use algo.head_init='zeros'"
+        )
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -92,6 +143,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ]:
         if not value > 0:
             raise ConfigError(f"{key}={value} must be positive")
+    if not c.checkpoint.keep >= 1:
+        raise ConfigError(
+            f"checkpoint.keep={c.checkpoint.keep} must be >= 1: it is how many of the latest "
+            "checkpoints are kept (orbax's max_to_keep); 0 keeps none, so a rerun cannot resume "
+            "and the best-validation parameters, saved with the state, are lost"
+        )
+    if c.train.eval_every < 0:
+        raise ConfigError(
+            f"train.eval_every={c.train.eval_every}: use 0 (no validation) or a positive "
+            "number of steps"
+        )
+    if c.train.eval_every and not c.train.val_episodes > 0:
+        raise ConfigError(
+            f"train.val_episodes={c.train.val_episodes} must be positive when "
+            f"train.eval_every={c.train.eval_every} (validation runs); raise train.val_episodes "
+            "or set train.eval_every=0"
+        )
     if not c.eval.logreg_tol >= 0:
         raise ConfigError(
             f"eval.logreg_tol={c.eval.logreg_tol} must be >= 0 (0: always eval.logreg_steps steps)"
@@ -111,14 +179,63 @@ def validate(config: ml_collections.ConfigDict) -> None:
             if not c.algo[key] >= 0:
                 raise ConfigError(f"algo.{key}={c.algo[key]} must be >= 0")
     if c.algorithm == "metaoptnet":
+        if not c.algo.dual_ridge > 0:
+            raise ConfigError(
+                f"algo.dual_ridge={c.algo.dual_ridge} must be > 0: the implicit gradient's CG "
+                "system is positive definite only for a strongly convex dual"
+            )
         if not c.algo.solver_steps >= 1:
             raise ConfigError(f"algo.solver_steps={c.algo.solver_steps} must be >= 1")
         if not c.algo.solver_tol >= 0:
             raise ConfigError(
                 f"algo.solver_tol={c.algo.solver_tol} must be >= 0 (0: always algo.solver_steps)"
             )
-    if c.data.queries < 0 or c.eval.queries <= 0:
-        raise ConfigError("data.queries must be >= 0 and eval.queries > 0")
+    if c.algorithm == "r2d2":
+        for key in ("init_lambda", "init_scale"):
+            if not c.algo[key] > 0:
+                raise ConfigError(
+                    f"algo.{key}={c.algo[key]} must be positive (R2D2 learns its logarithm)"
+                )
+    head_inits = {"mtl": MTL_HEAD_INITS, "anil": HEAD_INITS}
+    head_inits.update(dict.fromkeys(WHOLE_NETWORK, HEAD_INITS))
+    if c.algorithm in head_inits and c.algo.head_init not in head_inits[c.algorithm]:
+        raise ConfigError(
+            f"algo.head_init={c.algo.head_init!r}; choose one of {head_inits[c.algorithm]}"
+        )
+    if c.get("parallel", {}).get("shard_head", False) and c.algorithm != "mtl":
+        raise ConfigError(
+            f"parallel.shard_head=True with algorithm={c.algorithm!r}: it splits the MTL head "
+            "table over the devices and applies to algorithm='mtl' only; set "
+            "parallel.shard_head=False"
+        )
+    if c.model.name == "conv4":
+        if c.model.conv_impl not in CONV_IMPLS:
+            raise ConfigError(f"model.conv_impl={c.model.conv_impl!r}; choose one of {CONV_IMPLS}")
+        if c.model.get("block", "reference") not in BLOCKS:
+            raise ConfigError(f"model.block={c.model.block!r}; choose one of {BLOCKS}")
+    try:
+        floating = jnp.issubdtype(jnp.dtype(c.model.dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise ConfigError(
+            f"model.dtype={c.model.dtype!r} is not a floating-point dtype; use e.g. 'float32' or "
+            "'bfloat16'"
+        )
+    if c.data.queries < 0:
+        raise ConfigError(f"data.queries={c.data.queries} must be >= 0")
+    if c.data.queries < 1 and c.algorithm not in TRAIN_WITHOUT_QUERIES:
+        raise ConfigError(
+            f"data.queries={c.data.queries} but algorithm={c.algorithm!r} trains on the loss of "
+            "the query examples (a mean over none: training fails at its first step); set "
+            f"data.queries >= 1 (only {list(TRAIN_WITHOUT_QUERIES)}, which merge support and "
+            "query into one training set, train with 0)"
+        )
+    if c.eval.queries <= 0:
+        raise ConfigError(
+            f"eval.queries={c.eval.queries}: need eval.queries > 0 (the query images per class "
+            "of each evaluation and validation episode)"
+        )
     from mtl_gbml.data.sampler import AUGMENTS
 
     if c.data.augment not in AUGMENTS:
@@ -142,29 +259,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"train.val_split={c.train.val_split!r} does not exist for protocol "
                 f"{c.data.protocol!r} (splits {splits}); choose one or set train.eval_every=0"
             )
-    eval_settings = list(c.eval.settings)
-    if c.train.val_setting:
-        eval_settings.append(c.train.val_setting)
-    eval_settings += list(c.train.get("val_extra_settings", ()))
     if c.eval.split not in splits:
         raise ConfigError(f"eval.split={c.eval.split!r}; protocol {c.data.protocol!r} has {splits}")
-    from mtl_gbml.evaluation import parse_setting
-
-    for s in eval_settings:
-        try:
-            ways, shots = parse_setting(s)
-        except ValueError as e:
-            raise ConfigError(f"eval.settings: {e}") from e
-        n_cls, n_img = split_facts(c, c.eval.split)
-        if ways > n_cls:
-            raise ConfigError(
-                f"eval setting {s}: {ways} ways but split {c.eval.split!r} has {n_cls} classes"
-            )
-        if shots + c.eval.queries > n_img:
-            raise ConfigError(
-                f"eval setting {s}: {shots} shots + eval.queries={c.eval.queries} exceed the "
-                f"{n_img} images per class; lower eval.queries"
-            )
+    default_val = f"{c.data.ways}w{c.data.shots}s"
+    val_key = (
+        "train.val_setting"
+        if c.train.val_setting
+        else f"train.val_setting='' (the default: data.ways={c.data.ways} and "
+        f"data.shots={c.data.shots}, {default_val!r})"
+    )
+    val_fix = (
+        "lower its ways"
+        if c.train.val_setting
+        else "set train.val_setting to a setting with fewer ways, or lower data.ways"
+    )
+    # (key, setting, split it runs on, None: parsed only, as validation is off; the ways' fix)
+    val_split = c.train.val_split if c.train.eval_every else None
+    settings = [("eval.settings", s, c.eval.split, "lower its ways") for s in c.eval.settings]
+    settings.append((val_key, c.train.val_setting or default_val, val_split, val_fix))
+    extra = c.train.get("val_extra_settings", ())
+    settings += [("train.val_extra_settings", s, val_split, "lower its ways") for s in extra]
+    for key, setting, split, fix in settings:
+        ways, shots = _parse_setting(key, setting)
+        if split is not None:
+            _check_setting(c, key, setting, ways, shots, split, fix)
     import jax
 
     n_dev = jax.device_count()
