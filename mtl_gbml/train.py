@@ -21,6 +21,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -139,6 +140,8 @@ def make_train_step(
     return jax.jit(step, out_shardings=out, donate_argnums=0)
 
 
+# where the data lives, how many checkpoints are kept, how long the run may take in all
+_UNCHECKED_KEYS = ("data.data_dir", "data.tfds_dir", "checkpoint.keep", "train.time_budget_s")
 _UNCHECKED_SECTIONS = ("eval", "parallel")  # neither changes the trained parameters, except:
 # validation (train.eval_every > 0) reads these, and its accuracies pick the best parameters
 _VALIDATION_KEYS = (
@@ -166,7 +169,7 @@ def config_differences(old: dict, new: dict) -> list[str]:
         validated = key in _VALIDATION_KEYS and any(
             f.get("train.eval_every") for f in (old_flat, new_flat)
         )
-        if key.split(".")[0] in _UNCHECKED_SECTIONS and not validated:
+        if key in _UNCHECKED_KEYS or (key.split(".")[0] in _UNCHECKED_SECTIONS and not validated):
             continue
         was = old_flat.get(key, LEGACY_VALUES.get(key, _ABSENT))
         now = new_flat.get(key, _ABSENT)
@@ -182,10 +185,18 @@ def config_differences(old: dict, new: dict) -> list[str]:
     return diffs
 
 
+def improves(accuracy: float, best_val) -> bool:
+    """Whether a validation accuracy beats the best so far, as the state stores it (float32): an
+    accuracy equal to the best one, which float32 rounded down when it was stored, does not."""
+    return bool(np.float32(accuracy) > np.float32(best_val))
+
+
 def _check_config_matches(workdir: str, config: ml_collections.ConfigDict) -> None:
     path = os.path.join(workdir, "config.json")
     new = json.loads(config.to_json_best_effort())
-    if os.path.exists(path):
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    saved_any = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+    if os.path.exists(path) and saved_any:  # before the first checkpoint there is nothing to mix
         with open(path) as f:
             old = json.load(f)
         diffs = config_differences(old, new)
@@ -319,7 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         extra = {
             f"val_accuracy_{e}": res[setting_key(*parse_setting(e))]["accuracy"] for e in val_extra
         }
-        if acc > float(parallel.host(ts.best_val)):
+        if improves(acc, parallel.host(ts.best_val)):
             ts = ts.replace(
                 best_params=_copy(ts.params),
                 best_model_state=_copy(ts.model_state),

@@ -183,6 +183,42 @@ def test_eval_keys_that_validation_reads_are_compared_when_the_run_validates(key
     assert train.config_differences(old, _saved(config)) == []
 
 
+def test_keys_that_change_no_result_may_change_on_resume():
+    """Where the data lives (a run moved to another machine), how many checkpoints are kept and
+    the total time budget (a budget-stopped run given more time) change nothing trained."""
+    config = load_config(CONFIG, "runlocal")
+    old = _saved(config)
+    old["data"]["data_dir"], old["data"]["tfds_dir"] = "/elsewhere/raw", "/elsewhere/tfds"
+    old["checkpoint"]["keep"] += 2
+    old["train"]["time_budget_s"] = 60.0
+    assert train.config_differences(old, _saved(config)) == []
+
+
+def test_a_workdir_without_a_checkpoint_takes_a_new_config(tmp_path):
+    """A run stopped before its first checkpoint left config.json and nothing to resume: rerun
+    with another config, it starts afresh with that config. Once a checkpoint exists, it refuses."""
+    config = load_config(CONFIG, "runlocal")
+    config.unlock()
+    train._check_config_matches(str(tmp_path), config)
+    config.optimizer.lr *= 2
+    train._check_config_matches(str(tmp_path), config)
+    assert json.load(open(tmp_path / "config.json"))["optimizer"]["lr"] == config.optimizer.lr
+    (tmp_path / "checkpoints" / "5").mkdir(parents=True)
+    config.optimizer.lr *= 2
+    with pytest.raises(ConfigError, match="optimizer.lr"):
+        train._check_config_matches(str(tmp_path), config)
+
+
+def test_an_accuracy_equal_to_the_stored_best_is_not_an_improvement():
+    """The best validation accuracy is kept in float32; 29.57 rounds down there, and the same
+    accuracy measured again must not move the best step."""
+    stored = np.float32(29.57)
+    assert float(stored) < 29.57  # the case: float32 rounded it down
+    assert not train.improves(29.57, stored)
+    assert train.improves(29.58, stored) and not train.improves(29.56, stored)
+    assert train.improves(0.0, np.float32(-1.0))  # the first validation always counts
+
+
 def test_resume_of_a_run_saved_without_a_new_key_is_refused_and_names_it(tmp_path):
     config = load_config("configs/omniglot/imaml.py")
     old = _saved(config)
