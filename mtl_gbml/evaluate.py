@@ -13,7 +13,7 @@ import jax
 from mtl_gbml.data import datasets
 from mtl_gbml.evaluation import evaluate, parse_setting
 from mtl_gbml.reporting import atomic_write
-from mtl_gbml.run_loading import load_run
+from mtl_gbml.run_loading import load_run, run_keys
 
 
 def evaluate_workdir(
@@ -21,10 +21,14 @@ def evaluate_workdir(
     settings: list[tuple[int, int]] | None = None,
     episodes: int | None = None,
     split: str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> dict:
+    """Evaluate the run in ``workdir``. With ``seed`` None, the episodes are the run's own test
+    episodes (its config.seed's test key), so the run's settings, episodes and split give
+    results.json's accuracies again; another seed draws other episodes."""
     run = load_run(workdir)
     c = run.config
+    rng = run_keys(c.seed)[3] if seed is None else jax.random.PRNGKey(seed)
     split = split or c.eval.split
     settings = settings or [parse_setting(s) for s in c.eval.settings]
     pool = datasets.load_pool(c.data, split)
@@ -37,7 +41,7 @@ def evaluate_workdir(
         episodes=episodes or c.eval.episodes,
         queries=c.eval.queries,
         batch=c.eval.batch,
-        rng=jax.random.PRNGKey(seed),
+        rng=rng,
         bn_mode=c.model.bn_mode,
         progress=True,
     )
@@ -63,7 +67,11 @@ def main(argv=None) -> None:
         "episodes", None, "episodes per setting (default: the run's eval.episodes)"
     )
     flags.DEFINE_string("split", None, "split (default: the run's eval.split)")
-    flags.DEFINE_integer("seed", 0, "episode sampling seed")
+    flags.DEFINE_integer(
+        "seed",
+        None,
+        "episode sampling seed (default: the run's own test episodes, as in results.json)",
+    )
     flags.mark_flag_as_required("workdir")
     F = flags.FLAGS
 

@@ -26,6 +26,12 @@ class LoadedRun:
     which: str  # 'best validation (step S)' or 'final'
 
 
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """A run's (init, train, validation, test) keys from its ``config.seed``."""
+    k_init, k_train, k_val, k_test = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return k_init, k_train, k_val, k_test
+
+
 def saved_config(saved: dict) -> ml_collections.ConfigDict:
     """The config a run was trained with, from its config.json: the saved values over today's
     defaults. A key added since the run was made takes the value the code used before the key

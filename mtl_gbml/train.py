@@ -34,6 +34,7 @@ from mtl_gbml.data.errors import DataError
 from mtl_gbml.data.sampler import prepare_tasks, sample_tasks
 from mtl_gbml.evaluation import evaluate, parse_setting, setting_key
 from mtl_gbml.reporting import MetricsWriter, atomic_write, params_digest, write_results
+from mtl_gbml.run_loading import run_keys
 
 
 @flax.struct.dataclass
@@ -281,8 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     algorithm = algorithms.build(config.algorithm, model, config, train_pool.num_classes)
     tx = optim.make(config.optimizer, config.train.steps)
 
-    base_key = jax.random.PRNGKey(config.seed)
-    k_init, k_train, k_val, k_test = jax.random.split(base_key, 4)
+    k_init, k_train, k_val, k_test = run_keys(config.seed)
     d = config.data
     example = prepare_tasks(
         sample_tasks(train_pool, k_init, d.ways, d.shots, d.queries, 1), k_init, "none", 0

@@ -339,9 +339,15 @@ def test_fewshot_learner_api_and_evaluate_cli(finished_run, data_dir):
     assert learner.logits([a, b], [3, 7], [a]).shape == (1, 2)
     with pytest.raises(ValueError, match="at least two classes"):
         learner.predict([a, b], ["bar|", "bar|"], [a])
-    out = evaluate_workdir(workdir, settings=[(5, 1)], episodes=30, split="val")
+    # by default the CLI evaluates the run's own test episodes: results.json again
+    saved = json.load(open(os.path.join(workdir, "results.json")))["eval"]
+    again = evaluate_workdir(workdir)["eval"]
+    assert {k: v["accuracy"] for k, v in again.items()} == {
+        k: v["accuracy"] for k, v in saved.items()
+    }
+    out = evaluate_workdir(workdir, settings=[(5, 1)], episodes=30, split="val", seed=0)
     assert out["eval"]["5way1shot"]["episodes"] == 30 and out["split"] == "val"
-    # the CLI's evaluation is evaluate() on the split it names, with PRNGKey(seed)
+    # with a seed, the CLI's evaluation is evaluate() on the split it names, with PRNGKey(seed)
     from mtl_gbml.data import datasets
     from mtl_gbml.evaluation import evaluate
     from mtl_gbml.run_loading import load_run
