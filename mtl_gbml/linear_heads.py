@@ -32,7 +32,8 @@ def _kmul(k: jax.Array, x: jax.Array) -> jax.Array:
 
 def _top_eigenvalues(k: jax.Array, iters: int = 30) -> jax.Array:
     """Largest eigenvalue of every episode's PSD matrix ``k[:, :, e]`` [n, n, E] -> [E], by power
-    iteration (an upper estimate is safe)."""
+    iteration. The Rayleigh quotient never exceeds the true value, so a caller that needs an
+    upper bound (a Lipschitz constant) adds a margin."""
     v = jnp.ones((k.shape[0], 1, k.shape[2]), k.dtype) / jnp.sqrt(k.shape[0])
 
     def body(v, _):
