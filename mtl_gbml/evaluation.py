@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_gbml.algorithms.base import Algorithm
-from mtl_gbml.data.sampler import ImagePool, rotate_quarters, sample_indices, sample_tasks, to_float
+from mtl_gbml.data.sampler import ImagePool, rotate_quarters, sample_indices, sample_task, to_float
 
 _SETTING = re.compile(r"^(\d+)w(\d+)s$")
 
@@ -225,17 +225,30 @@ def _cached_batch(algorithm, ways, shots, queries, chunk, gram, params, feats, c
     return jax.lax.map(one, keys, batch_size=chunk)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _adapted_batch(algorithm, ways, shots, queries, size, params, state, pool, rng):
-    k_tasks, k_adapt = jax.random.split(rng)
-    tasks = sample_tasks(pool, k_tasks, ways, shots, queries, size)
-    adapt_keys = jax.random.split(k_adapt, size)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _adapted_batch(algorithm, ways, shots, queries, params, state, pool, keys):
+    """Accuracy of each episode ``keys[e]``: its task drawn from one half of the key, the
+    adaptation given the other."""
 
-    def one(sx, sy, qx, qy, k):
-        logits = algorithm.adapt_and_predict(params, state, to_float(sx), sy, to_float(qx), ways, k)
-        return (logits.argmax(-1) == qy).mean()
+    def one(k):
+        k_task, k_adapt = jax.random.split(k)
+        t = sample_task(pool, k_task, ways, shots, queries)
+        logits = algorithm.adapt_and_predict(
+            params, state, to_float(t.support_x), t.support_y, to_float(t.query_x), ways, k_adapt
+        )
+        return (logits.argmax(-1) == t.query_y).mean()
 
-    return jax.vmap(one)(tasks.support_x, tasks.support_y, tasks.query_x, tasks.query_y, adapt_keys)
+    return jax.vmap(one)(keys)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def episode_keys(rng: jax.Array, ways: int, shots: int, start, size: int) -> jax.Array:
+    """The keys of episodes ``start .. start + size - 1`` of setting (ways, shots):
+    ``fold_in(fold_in(fold_in(rng, ways), shots), e)`` for episode e. An episode is the same
+    whatever the batch it is evaluated in and whatever other settings are evaluated with it, so
+    ``eval.batch`` (a memory knob) and the order of ``eval.settings`` change no accuracy."""
+    key = jax.random.fold_in(jax.random.fold_in(rng, ways), shots)
+    return jax.vmap(lambda e: jax.random.fold_in(key, e))(start + jnp.arange(size))
 
 
 def evaluate(
@@ -256,7 +269,7 @@ def evaluate(
     cached = algorithm.frozen_backbone and bn_mode == "inductive"
     feats = embed_pool(algorithm.embed, params, state, pool) if cached else None
     out = {}
-    for i, (ways, shots) in enumerate(settings):
+    for ways, shots in settings:
         if ways > pool.num_classes:
             raise ValueError(f"{ways}-way evaluation but the split has {pool.num_classes} classes")
         if shots + queries > pool.min_per_class:
@@ -264,24 +277,22 @@ def evaluate(
                 f"{shots} shots + {queries} queries exceed the {pool.min_per_class} images of the "
                 "smallest class of the split; lower eval.queries"
             )
-        key = jax.random.fold_in(rng, i)
         accs = []
-        sizes = [min(batch, episodes - s) for s in range(0, episodes, batch)]
+        starts = range(0, episodes, batch)
         if cached:
             fn = cached_episode_accuracy(
                 algorithm, params, feats, pool.class_counts, ways, shots, queries
             )
-        it = enumerate(sizes)
         if progress:
             from tqdm import tqdm
 
-            it = tqdm(list(it), desc=f"eval {ways}w{shots}s", leave=False)
-        for j, size in it:
-            k = jax.random.fold_in(key, j)
+            starts = tqdm(starts, desc=f"eval {ways}w{shots}s", leave=False)
+        for start in starts:
+            keys = episode_keys(rng, ways, shots, start, min(batch, episodes - start))
             if cached:
-                accs.append(np.asarray(fn(jax.random.split(k, size))))
+                accs.append(np.asarray(fn(keys)))
             else:
-                acc = _adapted_batch(algorithm, ways, shots, queries, size, params, state, pool, k)
+                acc = _adapted_batch(algorithm, ways, shots, queries, params, state, pool, keys)
                 accs.append(np.asarray(acc))
         out[setting_key(ways, shots)] = summarize(np.concatenate(accs))
     return out

@@ -147,7 +147,6 @@ _UNCHECKED_SECTIONS = ("eval", "parallel")  # neither changes the trained parame
 # validation (train.eval_every > 0) reads these, and its accuracies pick the best parameters
 _VALIDATION_KEYS = (
     "eval.queries",
-    "eval.batch",  # which episodes: a batch's episodes come from one key
     "eval.logreg_c",
     "eval.logreg_steps",
     "eval.logreg_tol",

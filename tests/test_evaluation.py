@@ -176,30 +176,30 @@ def _nearest_head(params, support_f, support_y, query_f, ways):
 
 
 def test_evaluate_is_its_episodes_one_at_a_time():
-    """evaluate(): for setting i and batch j, the episodes of split(fold_in(fold_in(rng, i), j),
-    size), each drawn by sample_task and fitted on its own; the last batch partial. Checked
-    against that loop, so a batch that reused another's episodes, a wrong batch size or a summary
-    of other episodes would show."""
+    """evaluate(): episode e of setting (ways, shots) is drawn by sample_task from
+    fold_in(fold_in(fold_in(rng, ways), shots), e) and fitted on its own; batches (the last one
+    partial) only group them. Checked against that loop, so a batch that reused another's
+    episodes, a wrong batch size or a summary of other episodes would show; and the accuracies
+    do not move with the batch size or the order of the settings."""
     pool, _ = _id_pool()
     algo = Algorithm("stub", None, None, None, True, _embed, _nearest_head)
-    rng, settings, episodes, batch, queries = jax.random.PRNGKey(5), [(4, 1), (3, 2)], 7, 3, 2
-    got = evaluate(
-        algo, None, None, pool, settings, episodes=episodes, queries=queries, batch=batch,
-        rng=rng, bn_mode="inductive",
-    )  # fmt: skip
+    rng, settings, episodes, queries = jax.random.PRNGKey(5), [(4, 1), (3, 2)], 7, 2
+    kw = dict(episodes=episodes, queries=queries, rng=rng, bn_mode="inductive")
+    got = evaluate(algo, None, None, pool, settings, batch=3, **kw)
     head = jax.jit(_nearest_head, static_argnums=4)
-    for i, (ways, shots) in enumerate(settings):
+    for ways, shots in settings:
         accs = []
-        for j, start in enumerate(range(0, episodes, batch)):
-            keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(rng, i), j), 3)
-            for k in keys[: min(batch, episodes - start)]:
-                t = sample_task(pool, k, ways, shots, queries)
-                sf, qf = (_embed(None, None, to_float(x)) for x in (t.support_x, t.query_x))
-                logits = head(None, sf, t.support_y, qf, ways)
-                accs.append(float(jnp.mean(logits.argmax(-1) == t.query_y)))
+        for e in range(episodes):
+            k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, ways), shots), e)
+            t = sample_task(pool, k, ways, shots, queries)
+            sf, qf = (_embed(None, None, to_float(x)) for x in (t.support_x, t.query_x))
+            logits = head(None, sf, t.support_y, qf, ways)
+            accs.append(float(jnp.mean(logits.argmax(-1) == t.query_y)))
         assert len(set(accs)) > 1  # the episodes differ, so a repeated batch would show
         want = summarize(np.array(accs))
         assert got[f"{ways}way{shots}shot"] == pytest.approx(want, rel=1e-6)
+    for batch in (1, 5, 500):
+        assert evaluate(algo, None, None, pool, settings[::-1], batch=batch, **kw) == got
 
 
 def test_a_transductive_frozen_backbone_is_evaluated_episode_by_episode():
@@ -227,3 +227,28 @@ def test_a_transductive_frozen_backbone_is_evaluated_episode_by_episode():
     assert evaluate(algo, None, None, pool, [(4, 1)], bn_mode="inductive", **kw)["4way1shot"][
         "accuracy"
     ] == pytest.approx(25.0)
+
+
+def test_the_adapted_path_draws_the_same_episode_keys_and_ignores_the_batch():
+    """Episodes adapted one by one (whole-network algorithms, transductive BatchNorm): episode e's
+    task comes from the first half of its key, and the accuracies do not move with the batch."""
+    pool, _ = _id_pool()
+    head = jax.jit(_nearest_head, static_argnums=4)
+
+    def adapt_and_predict(params, state, support_x, support_y, query_x, ways, rng=None):
+        return _nearest_head(None, _embed(None, None, support_x), support_y,
+                             _embed(None, None, query_x), ways)  # fmt: skip
+
+    algo = Algorithm("stub", None, None, adapt_and_predict, False, _embed, _nearest_head)
+    rng, ways, shots, queries, episodes = jax.random.PRNGKey(8), 4, 1, 2, 7
+    kw = dict(episodes=episodes, queries=queries, rng=rng, bn_mode="transductive")
+    got = evaluate(algo, None, None, pool, [(ways, shots)], batch=3, **kw)
+    accs = []
+    for e in range(episodes):
+        k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, ways), shots), e)
+        t = sample_task(pool, jax.random.split(k)[0], ways, shots, queries)
+        sf, qf = (_embed(None, None, to_float(x)) for x in (t.support_x, t.query_x))
+        accs.append(float(jnp.mean(head(None, sf, t.support_y, qf, ways).argmax(-1) == t.query_y)))
+    assert len(set(accs)) > 1
+    assert got["4way1shot"] == pytest.approx(summarize(np.array(accs)), rel=1e-6)
+    assert evaluate(algo, None, None, pool, [(ways, shots)], batch=5, **kw) == got

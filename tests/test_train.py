@@ -167,17 +167,19 @@ def test_config_differences_compare_keys_missing_from_a_saved_config_at_their_ol
     ]
 
 
-@pytest.mark.parametrize("key", ["queries", "batch", "logreg_c", "logreg_steps", "logreg_tol"])
+@pytest.mark.parametrize("key", ["queries", "logreg_c", "logreg_steps", "logreg_tol"])
 def test_eval_keys_that_validation_reads_are_compared_when_the_run_validates(key):
     """Validation picks the best parameters, which the test evaluation uses; it reads these eval
-    keys (the queries, the episodes' keys per batch, MTL's head), so resuming with another value
-    mixes two selections. Without validation they change only the final evaluation."""
+    keys (the queries, MTL's head), so resuming with another value mixes two selections. Without
+    validation they change only the final evaluation; eval.batch changes no accuracy at all."""
     config = load_config(CONFIG, "runlocal")
     assert config.train.eval_every > 0
     old = _saved(config)
     old["eval"][key] = old["eval"][key] * 2
     diffs = train.config_differences(old, _saved(config))
     assert [d.split(":")[0] for d in diffs] == [f"eval.{key}"]
+    old["eval"]["batch"] += 1
+    assert train.config_differences(old, _saved(config)) == diffs
     config.unlock()
     config.train.eval_every = old["train"]["eval_every"] = 0
     assert train.config_differences(old, _saved(config)) == []
@@ -224,6 +226,7 @@ def test_resume_of_a_run_saved_without_a_new_key_is_refused_and_names_it(tmp_pat
     old = _saved(config)
     del old["algo"]["lam_damping"]
     (tmp_path / "config.json").write_text(json.dumps(old))
+    (tmp_path / "checkpoints" / "100").mkdir(parents=True)  # a run with something to resume
     with pytest.raises(ConfigError, match=r"algo\.lam_damping: 0\.0 .* -> 10\.0"):
         train._check_config_matches(str(tmp_path), config)
     assert json.loads((tmp_path / "config.json").read_text()) == old  # the saved config is kept
