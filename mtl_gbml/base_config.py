@@ -50,6 +50,8 @@ def get_config(algorithm: str = "mtl") -> ml_collections.ConfigDict:
     c.model.drop_rate = 0.1
     c.model.dropblock_size = 5
     c.model.remat = False
+    # ResNet-12: DropBlock's rate ramps up linearly over this many training steps (0 = off)
+    c.model.dropblock_ramp_steps = 0
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adam"  # 'adam' | 'radam' | 'sgd' (momentum)
@@ -60,6 +62,9 @@ def get_config(algorithm: str = "mtl") -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 0
     c.optimizer.decay_steps = ()  # for 'step': multiply lr by decay_factor at these steps
     c.optimizer.decay_factor = 0.1
+    # for 'step': one factor per decay_steps entry (MetaOptNet: 0.06, 0.2, 0.2); () = decay_factor
+    # at each
+    c.optimizer.decay_factors = ()
     c.optimizer.grad_clip = 0.0  # global-norm clip; 0 = off
 
     c.train = ml_collections.ConfigDict()
@@ -121,4 +126,6 @@ LEGACY_VALUES: dict[str, Any] = {
     "algo.lam_damping": 0.0,  # 53cda7d
     "train.val_extra_settings": [],  # f6746c4
     "algo.solver_tol": 0.0,  # MetaOptNet ran its solver_steps in full before
+    "optimizer.decay_factors": [],  # decay_factor at every decay step
+    "model.dropblock_ramp_steps": 0,  # DropBlock at its full rate from the first step
 }

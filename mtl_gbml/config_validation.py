@@ -143,6 +143,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ]:
         if not value > 0:
             raise ConfigError(f"{key}={value} must be positive")
+    if c.optimizer.schedule == "step":
+        try:
+            optim.decay_factors(c.optimizer)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    if c.model.name == "resnet12":
+        try:
+            models.check_resnet12(c.model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     if not c.checkpoint.keep >= 1:
         raise ConfigError(
             f"checkpoint.keep={c.checkpoint.keep} must be >= 1: it is how many of the latest "

@@ -9,6 +9,20 @@ OPTIMIZERS = ("adam", "radam", "sgd")
 SCHEDULES = ("constant", "cosine", "step")
 
 
+def decay_factors(c: ml_collections.ConfigDict) -> tuple[float, ...]:
+    """'step': the factor applied at each of ``decay_steps``: ``decay_factors`` (one per step)
+    where given, else ``decay_factor`` at every one."""
+    factors = tuple(c.get("decay_factors", ()))
+    if not factors:
+        return (c.decay_factor,) * len(c.decay_steps)
+    if len(factors) != len(c.decay_steps) or not all(f > 0 for f in factors):
+        raise ValueError(
+            f"optimizer.decay_factors={factors}: give one positive factor per decay step "
+            f"(optimizer.decay_steps={tuple(c.decay_steps)}), or () for decay_factor at each"
+        )
+    return factors
+
+
 def schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     if c.schedule == "constant":
         main = optax.constant_schedule(c.lr)
@@ -16,7 +30,11 @@ def schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
         main = optax.cosine_decay_schedule(c.lr, max(total_steps - c.warmup_steps, 1))
     elif c.schedule == "step":
         main = optax.piecewise_constant_schedule(
-            c.lr, {int(s) - c.warmup_steps: c.decay_factor for s in c.decay_steps}
+            c.lr,
+            {
+                int(s) - c.warmup_steps: f
+                for s, f in zip(c.decay_steps, decay_factors(c), strict=True)
+            },
         )
     else:
         raise ValueError(f"optimizer.schedule={c.schedule!r}; choose one of {SCHEDULES}")

@@ -7,7 +7,8 @@ the per-dataset constants) and calls one of these; the four datasets share every
   ResNet-12, RAdam, 60 epochs with lr x 0.1 at 50% and 75% (the plateau schedule's deviation is
   described in each config's docstring).
 - :func:`metaoptnet_family`: ProtoNet, R2D2 and MetaOptNet as in MetaOptNet (Lee et al. 2019):
-  ResNet-12, SGD with momentum 0.9, weight decay 5e-4, 60 epochs of 1000 steps.
+  ResNet-12, SGD with momentum 0.9, weight decay 5e-4, 60 epochs of 1000 steps, lr 0.1 x 0.06 /
+  0.2 / 0.2 from epochs 20 / 40 / 50 (MetaOptNet's ``lambda_epoch``).
 - :func:`maml`: second-order MAML with a Conv4 of width 32, transductive BatchNorm.
 
 Variants: ``5shot`` (default), ``1shot``, and ``runlocal`` (2 steps of a tiny network on a tiny
@@ -30,6 +31,18 @@ AUGMENT = {
 EPOCHS = 60
 DECAY_AT = (0.5, 0.75)  # MTL: fractions of training at which the lr is multiplied by 0.1
 TASKS_PER_EPOCH = 1600  # MTL: training tasks per epoch (official code)
+# MetaOptNet's train.py: lr 0.1 * lambda_epoch(e) in (1-based) epoch e, with lambda_epoch(e) = 1.0
+# if e < 20 else (0.06 if e < 40 else 0.012 if e < 50 else 0.0024); its LambdaLR steps at the start
+# of each epoch, so epoch e trains at lambda_epoch(e): 0.1 for 19 epochs, 0.006 from epoch 20,
+# 0.0012 from 40, 0.00024 from 50. (first epoch of each lr, factor on the previous lr)
+METAOPTNET_DECAYS = ((20, 0.06), (40, 0.2), (50, 0.2))
+# Both references ramp DropBlock's rate up over t = 40000 (= 20 * 2000) forward calls of a block,
+# evaluation-mode ones included. The MTL code makes 2000 an epoch (1600 training tasks and 400
+# validation episodes, one call each): 20 epochs, which is what the ramp is here, in steps.
+# MetaOptNet makes 2000 in training (support and query embedded apart, 1000 steps) and 4000 in
+# validation (2000 episodes); 20 epochs is its 20 * 2000 read as training calls (counting its
+# validation calls too, the ramp would end in epoch 7).
+DROPBLOCK_RAMP_EPOCHS = 20
 
 
 def parse_variant(arg: str | None) -> tuple[int, bool]:
@@ -71,6 +84,8 @@ def _resnet_runlocal(c: ml_collections.ConfigDict) -> None:
     c.model.resnet_widths = (8, 8, 8, 8)
     c.data.shots, c.data.queries, c.data.tasks_per_step = 1, 1, 2
     c.optimizer.decay_steps = (1,)
+    if c.optimizer.get("decay_factors"):
+        c.optimizer.decay_factors = c.optimizer.decay_factors[:1]
     c.train.steps, c.train.log_every, c.train.eval_every, c.checkpoint.every = 2, 1, 2, 2
     c.train.val_episodes, c.train.val_setting = 10, "5w1s"
     c.eval.settings, c.eval.queries = ("5w1s",), 2
@@ -99,6 +114,7 @@ def mtl(
     c.train.steps = EPOCHS * epoch
     c.optimizer.schedule, c.optimizer.decay_factor = "step", 0.1
     c.optimizer.decay_steps = tuple(int(f * EPOCHS) * epoch for f in DECAY_AT)
+    c.model.dropblock_ramp_steps = DROPBLOCK_RAMP_EPOCHS * epoch
     _resnet_training(c, epoch, shots, val=400)
     c.eval.use_best, c.eval.logreg_c = True, 3.0
     if runlocal:
@@ -123,9 +139,10 @@ def metaoptnet_family(
     c.optimizer.name, c.optimizer.lr, c.optimizer.momentum = "sgd", 0.1, 0.9
     c.optimizer.weight_decay = 5e-4
     epoch = 1000
-    c.optimizer.schedule = "step"
-    c.optimizer.decay_steps = (20 * epoch, 40 * epoch, 50 * epoch)
-    c.optimizer.decay_factor = 0.2  # 0.1 -> 0.02 -> 0.004 -> 0.0008 (MetaOptNet: 0.006/...)
+    c.optimizer.schedule = "step"  # 0.1 -> 0.006 -> 0.0012 -> 0.00024, as MetaOptNet's
+    c.optimizer.decay_steps = tuple((e - 1) * epoch for e, _ in METAOPTNET_DECAYS)
+    c.optimizer.decay_factors = tuple(f for _, f in METAOPTNET_DECAYS)
+    c.model.dropblock_ramp_steps = DROPBLOCK_RAMP_EPOCHS * epoch
     c.train.steps = 60 * epoch
     _resnet_training(c, epoch, shots, val=2000)
     if runlocal:

@@ -295,6 +295,17 @@ def test_checkpoint_keep_is_how_many_checkpoints_remain(tmp_path):
             {"algo.init_scale": -1.0},
             r"^algo\.init_scale=-1\.0 must be positive",
         ),
+        (
+            "configs/mini_imagenet/metaoptnet.py",
+            {"optimizer.decay_factors": (0.06, 0.2)},
+            r"^optimizer\.decay_factors=\(0\.06, 0\.2\): give one positive factor per decay step",
+        ),
+        (
+            "configs/mini_imagenet/mtl.py",
+            {"model.dropblock_ramp_steps": -1},
+            r"^model\.dropblock_ramp_steps=-1: use 0",
+        ),
+        ("configs/mini_imagenet/mtl.py", {"model.drop_rate": 1.0}, r"^model\.drop_rate=1\.0"),
     ],
 )
 def test_late_checks_fail_in_validate(path, changes, message):

@@ -103,31 +103,71 @@ def test_unknown_model_name_is_a_clear_error():
         _conv4(name="conv5")
 
 
-def test_dropblock_drops_square_blocks_and_rescales_the_rest():
-    """On ones: every output is 0 (dropped) or N / kept (the survivors rescaled so the mean
-    stays 1); the dropped positions of a channel are a union of block_size x block_size squares
-    (each dropped position lies in a fully dropped 2x2 square, clipped at the bottom and right
-    edges); the dropped fraction is about
-    the rate; evaluation leaves x alone."""
+def _dropblock_expected_fraction(h, bs, rate):
+    """DropBlock's expected dropped fraction on an h x h map: seeds with probability gamma =
+    rate / bs^2 * h^2 / (h - bs + 1)^2 at the (h - bs + 1)^2 positions where a block fits; a
+    position covered by k of them is dropped with probability 1 - (1 - gamma)^k. It is the rate
+    when blocks cannot overlap (h == bs, or bs == 1) and a little less otherwise."""
+    v = h - bs + 1
+    gamma = rate / bs**2 * h * h / v**2
+    k1 = np.array([min(p, v - 1) - max(0, p - bs + 1) + 1 for p in range(h)])
+    return float(np.mean(1 - (1 - gamma) ** (k1[:, None] * k1[None, :])))
+
+
+@pytest.mark.parametrize(
+    "h,bs",
+    [
+        (5, 5),  # mini/tiered-ImageNet's last block (84 -> 5x5), dropblock_size 5
+        (2, 2),  # CIFAR-FS/FC100's last block (32 -> 2x2), dropblock_size 2
+        (10, 5),  # mini-ImageNet's third block
+        (8, 2),
+        (6, 1),
+    ],
+)
+def test_dropblock_drops_the_rate_in_whole_blocks_and_rescales_the_rest(h, bs):
+    """On ones, Monte-Carlo over 4096 maps: every output is 0 (dropped) or N / kept (the survivors
+    rescaled so the mean stays 1); the dropped positions of each map are a union of whole
+    bs x bs blocks inside it; the dropped fraction is the expected one, within 5 binomial standard
+    errors over maps (a conservative bound: a map's dropped fraction varies less than one
+    Bernoulli), and that is the rate where blocks cannot overlap (h == bs, bs == 1), within 7% of
+    it otherwise. Evaluation leaves x alone."""
     from mtl_gbml.models.resnet12 import DropBlock
 
-    x = jnp.ones((4, 12, 12, 8))
-    layer = DropBlock(rate=0.2, block_size=2)
-    y = np.asarray(layer.apply({}, x, train=True, rngs={"dropout": jax.random.PRNGKey(0)}))
+    rate, n, c = 0.1, 64, 64
+    x = jnp.ones((n, h, h, c))
+    layer = DropBlock(rate=rate, block_size=bs)
+    y = np.asarray(layer.apply({}, x, train=True, rngs={"dropout": jax.random.PRNGKey(h + bs)}))
     kept = y > 0
-    np.testing.assert_allclose(y[kept], kept.size / kept.sum(), rtol=1e-6)
+    np.testing.assert_allclose(y[kept], kept.size / kept.sum(), rtol=1e-5)
     assert y.mean() == pytest.approx(1.0, rel=1e-5)
-    assert 0.1 < 1 - kept.mean() < 0.3
-    dropped = ~kept
-    for n, i, j, c in zip(*np.nonzero(dropped), strict=True):
-        squares = [
-            dropped[n, a : a + 2, b : b + 2, c].all()
-            for a in (i - 1, i)
-            for b in (j - 1, j)
-            if 0 <= a and 0 <= b  # a square may run past the bottom or right edge
-        ]
-        assert any(squares), (n, i, j, c)
+    dropped = np.moveaxis(~kept, 3, 1).reshape(n * c, h, h)
+    # whole blocks: the blocks inside the map that are all dropped cover every dropped position
+    win = np.lib.stride_tricks.sliding_window_view(dropped, (bs, bs), axis=(1, 2))
+    full = win.all(axis=(3, 4)).astype(np.uint8)  # [maps, h - bs + 1, h - bs + 1]
+    padded = np.pad(full, ((0, 0), (bs - 1, bs - 1), (bs - 1, bs - 1)))
+    covered = np.lib.stride_tricks.sliding_window_view(padded, (bs, bs), axis=(1, 2)).any((3, 4))
+    np.testing.assert_array_equal(covered, dropped)
+    want = _dropblock_expected_fraction(h, bs, rate)
+    if h == bs or bs == 1:
+        assert want == pytest.approx(rate, rel=1e-9)
+    assert abs(want - rate) < 0.07 * rate
+    se = np.sqrt(want * (1 - want) / (n * c))
+    assert abs(dropped.mean() - want) < 5 * se, (dropped.mean(), want, se)
     np.testing.assert_array_equal(np.asarray(layer.apply({}, x, train=False)), np.asarray(x))
+
+
+def test_dropblock_scale_multiplies_the_rate():
+    """The ramp's ``scale`` (a traced fraction in training) scales the dropped fraction."""
+    from mtl_gbml.models.resnet12 import DropBlock
+
+    x = jnp.ones((64, 5, 5, 64))
+    layer = DropBlock(rate=0.2, block_size=5)
+    f = jax.jit(lambda s: layer.apply({}, x, train=True, scale=s, rngs={"dropout": key}))
+    key = jax.random.PRNGKey(0)
+    for scale in (0.25, 1.0):
+        frac = float((np.asarray(f(scale)) == 0).mean())
+        want = 0.2 * scale
+        assert abs(frac - want) < 5 * np.sqrt(want * (1 - want) / 4096), (scale, frac)
 
 
 def _np_resnet12(params, x):
@@ -188,17 +228,18 @@ def test_resnet12_matches_a_numpy_reference():
     np.testing.assert_allclose(got, _np_resnet12(params, x), rtol=1e-4, atol=1e-5)
 
 
-def test_resnet12_dropblock_sits_in_the_last_two_blocks():
-    """As in MetaOptNet: DropBlock (rate drop_rate) after blocks 3 and 4, with block_size 1 in
-    block 3 and dropblock_size in block 4; blocks 1 and 2 have none."""
+def test_resnet12_regularisation_is_metaoptnets():
+    """As in MetaOptNet and the MTL code: dropout (rate drop_rate) after blocks 1 and 2,
+    DropBlock (rate drop_rate, block size dropblock_size) after blocks 3 and 4."""
     from mtl_gbml.models.resnet12 import DropBlock, ResNet12
 
     seen = []
 
     def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, DropBlock) and context.method_name == "__call__":
-            m = context.module
-            seen.append((m.parent.name, m.rate, m.block_size))
+        m = context.module
+        if isinstance(m, nn.Dropout | DropBlock) and context.method_name == "__call__":
+            size = m.block_size if isinstance(m, DropBlock) else None
+            seen.append((m.parent.name, type(m).__name__, m.rate, size))
         return next_fun(*args, **kwargs)
 
     model = ResNet12(widths=(2, 2, 2, 2), drop_rate=0.3, dropblock_size=3)
@@ -210,11 +251,59 @@ def test_resnet12_dropblock_sits_in_the_last_two_blocks():
             )
         )
     assert seen == [
-        ("ResBlock_0", 0.0, 1),
-        ("ResBlock_1", 0.0, 1),
-        ("ResBlock_2", 0.3, 1),
-        ("ResBlock_3", 0.3, 3),
+        ("ResBlock_0", "Dropout", 0.3, None),
+        ("ResBlock_1", "Dropout", 0.3, None),
+        ("ResBlock_2", "DropBlock", 0.3, 3),
+        ("ResBlock_3", "DropBlock", 0.3, 3),
     ]
+
+
+def test_resnet12_dropout_is_active_in_the_first_blocks():
+    """Block 1's output in training: dropout at rate drop_rate (about half of it zero at 0.5,
+    the rest doubled, against the same block in evaluation mode, both on batch statistics)."""
+    from mtl_gbml.models.resnet12 import ResNet12
+
+    model = ResNet12(widths=(8, 2, 2), drop_rate=0.5)
+    x = jax.random.normal(jax.random.PRNGKey(0), (16, 8, 8, 3))
+    v = model.init(jax.random.PRNGKey(1), x, train=False, use_batch_stats=False)
+    block = lambda train: model.apply(
+        v,
+        x,
+        train=train,
+        use_batch_stats=True,
+        rngs={"dropout": jax.random.PRNGKey(2)},
+        mutable=["batch_stats", "intermediates"],
+        capture_intermediates=lambda m, _: m.name == "ResBlock_0",
+    )[1]["intermediates"]["ResBlock_0"]["__call__"][0]
+    on, off = np.asarray(block(True)), np.asarray(block(False))
+    zeros = on == 0
+    assert abs(zeros.mean() - 0.5) < 0.05 and not (off == 0).any()
+    np.testing.assert_allclose(on[~zeros], 2 * off[~zeros], rtol=1e-5)
+
+
+def test_resnet12_conv_init_is_kaiming_normal_fan_out():
+    """torch's kaiming_normal_(mode='fan_out', nonlinearity='leaky_relu'): every convolution
+    (3x3 and the 1x1 shortcut) ~ N(0, 2 / (out * kh * kw)), not truncated (a truncated normal has
+    no value beyond 2 standard deviations; here 4.6% of them are)."""
+    from mtl_gbml.models.resnet12 import ResNet12
+
+    model = ResNet12(widths=(32, 48))
+    x = jnp.ones((1, 8, 8, 16))
+    params = model.init(jax.random.PRNGKey(0), x, train=False, use_batch_stats=False)["params"]
+    kernels = [
+        np.asarray(k)
+        for path, k in jax.tree_util.tree_leaves_with_path(params)
+        if "kernel" in jax.tree_util.keystr(path)
+    ]
+    assert len(kernels) == 8
+    for k in kernels:
+        std = np.sqrt(2.0 / (k.shape[-1] * k.shape[0] * k.shape[1]))
+        z = k / std
+        n = z.size
+        assert abs(z.mean()) < 5 / np.sqrt(n), k.shape
+        assert abs(z.var() - 1) < 5 * np.sqrt(2 / n), (k.shape, z.var())
+        if n >= 1000:
+            assert (np.abs(z) > 2).mean() > 0.03, k.shape
 
 
 def test_resnet12_bfloat16_and_remat_forward_backward():

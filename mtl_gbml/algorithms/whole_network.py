@@ -10,10 +10,11 @@ The N-way head starts each task at
   original MAML; a test episode with ``ways <= data.ways`` uses its first ``ways`` rows.
 
 BatchNorm: the inner loop uses the batch statistics of the task's support set (as in training
-everywhere); the query forward uses the task's query batch statistics in training, and at test
-time follows ``model.bn_mode`` (running statistics for 'inductive', the query batch's for
-'transductive'). Running statistics come from each task's query forward with its adapted
-parameters, averaged over tasks.
+everywhere; at test time without dropout/DropBlock, so a prediction does not depend on an rng);
+the query forward uses the task's query batch statistics in training, and at test time follows
+``model.bn_mode`` (running statistics for 'inductive', the query batch's for 'transductive').
+Running statistics come from each task's query forward with its adapted parameters, averaged over
+tasks.
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ def surrogate(value: jax.Array, direction, params) -> jax.Array:
 
 
 def mean_state(states):
-    """Per-task BatchNorm states [T, ...] -> their mean (the average of the per-task updates)."""
+    """Per-task BatchNorm states [T, ...] -> their mean (the average of the per-task updates).
+
+    A ResNet-12 with a DropBlock ramp also keeps its training-step counter there (float32, the
+    same in every task): its mean is the count itself, exactly (below 2^24 / T)."""
     return jax.tree.map(lambda s: s.mean(0), states)
 
 
@@ -110,6 +114,13 @@ class Net:
         logits, new_state = self.logits(fast, state, x, train=True, rng=rng)
         return cross_entropy(logits, y), (new_state, accuracy(logits, y))
 
+    def test_support_loss(self, fast, state, x, y):
+        """The test-time inner loop's cross-entropy: the support batch's statistics, as in
+        training, but no dropout or DropBlock (an evaluation-mode forward; state unchanged), so a
+        test prediction does not depend on an rng."""
+        logits, _ = self.logits(fast, state, x, train=False, bn_mode="transductive")
+        return cross_entropy(logits, y)
+
 
 def gradient_descent(
     loss_fn: Callable,
@@ -146,12 +157,13 @@ def gradient_descent(
 
 def make_adapt_and_predict(net: Net, *, steps: int, lr: float, prox_lam: float | None = None):
     """Test-time rule: ``steps`` GD steps from the meta-parameters on the support set (proximal to
-    them when ``prox_lam`` is set), then query logits under ``model.bn_mode``."""
+    them when ``prox_lam`` is set; the support batch's statistics, no dropout: see
+    :meth:`Net.test_support_loss`), then query logits under ``model.bn_mode``."""
 
     def adapt_and_predict(params, state, support_x, support_y, query_x, ways, rng=None):
-        rng = jax.random.PRNGKey(0) if rng is None else rng
+        rng = jax.random.PRNGKey(0) if rng is None else rng  # unused by the deterministic loss
         fast0 = net.initial_fast(params, state, support_x, ways)
-        support_loss = lambda f, k: net.loss(f, state, support_x, support_y, k)[0]
+        support_loss = lambda f, k: net.test_support_loss(f, state, support_x, support_y)
         prox = None if prox_lam is None else (prox_lam, fast0)
         fast = gradient_descent(
             support_loss, fast0, rng, steps=steps, lr=lr, first_order=True, prox=prox

@@ -33,8 +33,25 @@ _REGISTRY: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
         dropblock_size=c.dropblock_size,
         dtype=jnp.dtype(c.dtype),
         remat=c.remat,
+        dropblock_ramp_steps=check_resnet12(c),
     ),
 }
+
+
+def check_resnet12(c: ml_collections.ConfigDict) -> int:
+    """Validate ResNet-12's regularisation keys; returns ``model.dropblock_ramp_steps`` (0 where a
+    config predates the key: no ramp)."""
+    if not 0.0 <= c.drop_rate < 1.0:
+        raise ValueError(f"model.drop_rate={c.drop_rate}: use a rate in [0, 1) (0: none)")
+    if not c.dropblock_size >= 1:
+        raise ValueError(f"model.dropblock_size={c.dropblock_size}: use a block size >= 1")
+    ramp = c.get("dropblock_ramp_steps", 0)
+    if not (isinstance(ramp, int) and ramp >= 0):
+        raise ValueError(
+            f"model.dropblock_ramp_steps={ramp!r}: use 0 (DropBlock at its full rate from the "
+            "start) or the number of training steps over which its rate ramps up from 0"
+        )
+    return ramp
 
 
 CPU_CHUNK_FIRST = 64  # benchmarks/results/fast_backbone.md: 16, 64 and 256 within noise on CPU
