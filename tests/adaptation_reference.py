@@ -43,8 +43,10 @@ def reference_logits(
 ):
     """Query logits after ``steps`` plain gradient steps on the support set.
 
-    ``whole``: the backbone is adapted too and the support forward uses batch statistics (the
-    training forward); otherwise the features are fixed, computed under ``bn_mode``."""
+    ``whole``: the backbone is adapted too and the support forward uses batch statistics (written
+    as the training forward, which for the models given here, with no dropout, is the test-time
+    one: batch statistics, nothing dropped); otherwise the features are fixed, computed under
+    ``bn_mode``."""
     backbone = params["backbone"]
     feats = lambda bb, x, train: models.forward(
         model, bb, state, x, train=train, bn_mode=bn_mode, rng=jax.random.PRNGKey(0)
