@@ -36,9 +36,10 @@ def _pool():
 
 def _toy(bad_grad: bool):
     """loss = w + sqrt(w) (the square root without gradient): w falls by 1 a step under SGD(1)
-    from 2.5, so the loss is NaN from step 3 (w = -0.5) while the gradient stays 1. With
-    ``bad_grad``, + v + 0 * sqrt(|v|): v falls 2, 1, 0, so step 2's gradient is NaN (0 * inf)
-    while its loss is finite. The 'accuracy' is a fingerprint of the step's tasks."""
+    from 2.5, so the loss is NaN from step 4 (w = -0.5; steps counted from 1, as logs and
+    checkpoints count them) while the gradient stays 1. With ``bad_grad``, + v + 0 * sqrt(|v|):
+    v falls 2, 1, 0, so step 3's gradient is NaN (0 * inf) while its loss is finite. The
+    'accuracy' is a fingerprint of the step's tasks."""
 
     def meta_loss(params, model_state, tasks, key):
         w = params["w"]
@@ -86,7 +87,7 @@ def _loss(w: float) -> float:
 def test_a_non_finite_loss_is_recorded_at_its_step_and_left_out_of_the_sums():
     ts, pool, key = _run(bad_grad=False, nonfinite="raise")
     assert int(ts.step) == STEPS
-    assert int(ts.bad_loss_step) == 3 and int(ts.bad_grad_step) == -1
+    assert int(ts.bad_loss_step) == 4 and int(ts.bad_grad_step) == -1
     assert int(ts.count) == 3 and int(ts.skipped) == STEPS - 3
     np.testing.assert_allclose(ts.loss_sum, _loss(2.5) + _loss(1.5) + _loss(0.5), rtol=1e-6)
     fp = _fingerprints(pool, key)
@@ -99,8 +100,8 @@ def test_a_non_finite_loss_is_recorded_at_its_step_and_left_out_of_the_sums():
 
 def test_a_non_finite_gradient_is_recorded_at_its_step():
     ts, _, _ = _run(bad_grad=True, nonfinite="raise")
-    # step 2: gradient NaN, loss finite; step 3: the NaN parameters make the loss NaN
-    assert int(ts.bad_grad_step) == 2 and int(ts.bad_loss_step) == 3
+    # step 3: gradient NaN, loss finite; step 4: the NaN parameters make the loss NaN
+    assert int(ts.bad_grad_step) == 3 and int(ts.bad_loss_step) == 4
     assert int(ts.count) == 2 and int(ts.skipped) == STEPS - 2
     np.testing.assert_allclose(ts.loss_sum, _loss(2.5) + 2.0 + _loss(1.5) + 1.0, rtol=1e-6)
 
@@ -114,8 +115,8 @@ def test_skip_keeps_the_state_of_the_last_good_step(bad_grad):
     np.testing.assert_allclose(ts.params["w"], 2.5 - good, rtol=1e-6)
     if bad_grad:
         assert float(ts.params["v"]) == 0.0
-        assert int(ts.bad_grad_step) == 2 and int(ts.bad_loss_step) == -1
+        assert int(ts.bad_grad_step) == 3 and int(ts.bad_loss_step) == -1
     else:
-        assert int(ts.bad_loss_step) == 3 and int(ts.bad_grad_step) == -1
+        assert int(ts.bad_loss_step) == 4 and int(ts.bad_grad_step) == -1
     assert int(ts.model_state["accepted"]) == good
     np.testing.assert_allclose(ts.acc_sum, sum(_fingerprints(pool, key)[:good]), rtol=1e-6)
