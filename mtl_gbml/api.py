@@ -1,7 +1,8 @@
 """Python API: ``FewShotLearner.from_workdir(dir).predict(support_images, support_labels, query_images)``.
 
-Images are uint8 [n, H, W] or [n, H, W, C] of any size, as the raw dataset has them; they are
-preprocessed exactly as the dataset builder preprocessed the training images.
+Images are uint8 (or bool) arrays [H, W] or [H, W, C] of any size, PIL images or file paths, as the
+raw dataset has them; they are preprocessed exactly as the dataset builder preprocessed the
+training images.
 """
 
 from __future__ import annotations
@@ -31,6 +32,33 @@ def _preprocessor(dataset: str):
     return importlib.import_module(_PREPROCESSORS[dataset]).preprocess_image
 
 
+def raw_image(im):
+    """One image as the dataset's preprocessing takes it: a PIL image as it is (the raw files'
+    own modes: Omniglot's PNGs are 1-bit, which an array would turn into bools or 0/1), a path
+    opened with PIL, a bool array as 0/255, any other array as uint8. A uint8 array holding only
+    0 and 1 is refused: it is a 1-bit image read as numbers, and would be preprocessed as almost
+    black."""
+    import os
+
+    from PIL import Image
+
+    if isinstance(im, (str, os.PathLike)):
+        with Image.open(im) as f:
+            f.load()
+            return f.copy()
+    if isinstance(im, Image.Image):
+        return im
+    arr = np.asarray(im)
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if arr.dtype == np.uint8 and arr.size and arr.max() == 1:
+        raise ValueError(
+            "a uint8 image holding only 0 and 1 (a 1-bit image read as numbers): pass the PIL "
+            "image or its path, a bool array, or the values scaled to 0..255"
+        )
+    return arr
+
+
 class FewShotLearner:
     """Adapts a trained model to a new task from its support set, with the algorithm's own rule."""
 
@@ -44,7 +72,7 @@ class FewShotLearner:
         return cls(load_run(workdir, use_best))
 
     def _images(self, images) -> jax.Array:
-        arr = [self._prep(np.asarray(im)) for im in images]
+        arr = [self._prep(raw_image(im)) for im in images]
         return to_float(jnp.asarray(np.stack(arr)))
 
     def logits(self, support_images, support_labels, query_images) -> np.ndarray:

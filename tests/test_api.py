@@ -33,3 +33,32 @@ def test_every_dataset_has_its_builders_preprocessing():
 def test_unknown_dataset_is_named():
     with pytest.raises(ValueError, match="'mnist'"):
         api._preprocessor("mnist")
+
+
+def test_a_raw_omniglot_file_reads_the_same_as_a_path_pil_image_or_bool_array(tmp_path, data_dir):
+    """Omniglot's PNGs are 1-bit: as an array they are bools. The path, the PIL image and the
+    bool array all give what the builder stored for that file; the same image as 0/1 numbers is
+    refused instead of preprocessed to near black."""
+    import os
+    import zipfile
+
+    from PIL import Image
+
+    from mtl_gbml.data import omniglot
+
+    archive = os.path.join(data_dir, "omniglot", "images_evaluation.zip")
+    with zipfile.ZipFile(archive) as z:
+        name = next(n for n in z.namelist() if n.endswith(".png"))
+        data = z.read(name)
+    path = tmp_path / "char.png"
+    path.write_bytes(data)
+    stored = omniglot._decode(data, name)  # what the builder keeps for this file
+    pil = Image.open(path)
+    assert pil.mode == "1"
+    prep = api._preprocessor("omniglot")
+    bools = np.asarray(pil)
+    assert bools.dtype == bool
+    for im in (str(path), path, pil, bools, bools.astype(np.uint8) * 255):
+        np.testing.assert_array_equal(prep(api.raw_image(im)), stored)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        api.raw_image(bools.astype(np.uint8))
