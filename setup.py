@@ -16,7 +16,7 @@ INSTALL_REQUIRES = [
     "ml-collections>=1.0",
     "neural-tangents==0.6.5",
     "tf2jax==0.3.6",
-    "tensorflow-cpu>=2.16,<2.22",
+    "tensorflow>=2.16,<2.22",  # the package neural-tangents and tf2jax require: one install, capped
     "tensorflow-datasets>=4.9.7,<4.10",
     "importlib_resources",  # tensorflow-datasets imports it without declaring it
     "numpy>=1.26",
