@@ -424,3 +424,16 @@ def _main() -> None:
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     _main()
+
+
+def matmul_ceiling(ceiling: list[dict]) -> tuple[float, float]:
+    """Mean matmul GFLOP/s (wall, CPU) of the ceiling workers run before and after a table; a
+    failed worker stops the report with its error instead of a KeyError."""
+    for c in ceiling:
+        if "matmul_gflops" not in c:
+            raise SystemExit(f"the float32 matmul ceiling worker failed:\n{c.get('error', c)}")
+    n = len(ceiling)
+    return (
+        sum(c["matmul_gflops"] for c in ceiling) / n,
+        sum(c["matmul_gflops_cpu"] for c in ceiling) / n,
+    )

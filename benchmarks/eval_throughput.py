@@ -276,6 +276,8 @@ def main() -> None:
     keys = jax.random.split(key, args.episodes)
     n_sk = args.sklearn_episodes
     jax.block_until_ready(batch_fn(keys[: args.batch]))  # compile
+    if args.episodes % args.batch:  # the last, smaller batch is another shape: compile it too
+        jax.block_until_ready(batch_fn(keys[: args.episodes % args.batch]))
     gather = lambda k: episode_features(k, feats, counts, ways, shots, q)
     sfs, qfs = jax.jit(jax.vmap(gather))(keys[:n_sk])
     sfs, qfs = np.asarray(l2_normalize(sfs)), np.asarray(l2_normalize(qfs))

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
             "finished": results is not None,
         }
     finished = {k: v for k, v in summary.items() if v["finished"]}
-    best = max(finished, key=lambda k: finished[k]["best_val"]) if finished else None
+    validated = [k for k in finished if finished[k]["best_val"] is not None]
+    best = max(validated, key=lambda k: finished[k]["best_val"]) if validated else None
     with open(os.path.join(args.out, "mtl_recipes.json"), "w") as f:
         json.dump({"best": best, "recipes": summary}, f, indent=2)
     if best:
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             e = r["eval"]
             cell = lambda k, e=e: f"{e[k]['accuracy']:.2f} ± {e[k]['ci95']:.2f}" if k in e else "—"
             lines.append(
-                f"| {name} | {r['train']['steps']} | {r['train']['wall_s']:.0f} | {s['best_val']:.2f} | "
+                f"| {name} | {r['train']['steps']} | {r['train']['wall_s']:.0f} | {'-' if s['best_val'] is None else format(s['best_val'], '.2f')} | "
                 f"{cell('5way1shot')} | {cell('5way5shot')} | {cell('20way1shot')} | {cell('20way5shot')} |"
             )
         else:

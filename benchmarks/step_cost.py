@@ -88,8 +88,7 @@ def main() -> None:
         else:
             inner[k] = measure("maml", over={"algo.inner_steps": int(k)})
     ceiling.append(C.run_worker({"mode": "matmul"}))
-    matmul = sum(c["matmul_gflops"] for c in ceiling) / 2
-    matmul_cpu = sum(c["matmul_gflops_cpu"] for c in ceiling) / 2
+    matmul, matmul_cpu = C.matmul_ceiling(ceiling)
     busy_after = C.other_processes()
 
     def ratio(a, b, table=rows, key="step_cpu_ms"):

@@ -31,7 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 WHOLE_NETWORK = ("maml", "fomaml", "imaml", "minibatchprox")
-SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+# XLA:CPU's Eigen work on one thread (the pinning to one core by taskset does the rest). The
+# recorded runs also passed "intra_op_parallelism_threads=1", which is no XLA flag (no leading
+# --) and which XLA ignored without a word: it changed nothing and is gone.
+SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false"
 
 
 def run_config(spec: dict):
