@@ -32,7 +32,7 @@ setup(
     name="mtl_gbml",
     version="0.1.0",
     description="Bridging multi-task learning and meta-learning (Wang, Zhao, Li, ICML 2021) in JAX",
-    python_requires=">=3.10",
+    python_requires=">=3.10,<3.14",  # jaxlib 0.5.3 (the pinned stack) has wheels for 3.10-3.13
     packages=find_packages(include=["mtl_gbml", "mtl_gbml.*", "theory", "theory.*"]),
     # the CIFAR-FS / FC100 split class lists (facts, never images)
     package_data={"mtl_gbml.data": ["splits/*/*.json", "splits/README.md"]},
