@@ -7,7 +7,9 @@ task's features only, written for one task and vmapped.
 
 Test time: ``embed`` (inductive BatchNorm; the evaluator caches the split's features) and
 ``predict_from_features`` for one episode; ``adapt_and_predict`` does both for the per-episode
-path (transductive BatchNorm: the support and the query are each normalised by their own batch).
+path. Under transductive BatchNorm it batches an episode as training batched a task: support and
+query as one batch (``merged``, as MTL does too), or each as its own batch (ANIL, as MAML), so the
+test-time features of a task are those training computed for it.
 """
 
 from __future__ import annotations
@@ -81,7 +83,12 @@ def make(
         fwd = lambda x: models.forward(
             model, params["backbone"], state, x, train=False, bn_mode=bn_mode
         )[0]
-        return head_logits(params, fwd(support_x), support_y, fwd(query_x), ways)
+        if merged:  # batched as in training: transductive statistics of support and query together
+            feats = fwd(jnp.concatenate([support_x, query_x], axis=0))
+            sf, qf = feats[: support_x.shape[0]], feats[support_x.shape[0] :]
+        else:
+            sf, qf = fwd(support_x), fwd(query_x)
+        return head_logits(params, sf, support_y, qf, ways)
 
     return Algorithm(
         name=name,
