@@ -278,6 +278,15 @@ def test_mini_imagenet_errors(tmp_path):
         )
         msg = _prepare_error("mini_imagenet", raw, tmp_path)
         assert str(bad) in msg and "indices outside image_data's 2 rows" in msg, idx
+    # a class in two splits (files of two distributions mixed): named with both splits
+    names = fake.write_mini_imagenet(raw, "pickle", classes=5, per_class=3)
+    bad = raw / "mini-imagenet-cache-test.pkl"
+    with open(bad, "rb") as f:
+        obj = pickle.load(f)
+    obj["class_dict"][names["train"][2]] = obj["class_dict"].pop(names["test"][4])
+    bad.write_bytes(pickle.dumps(obj))
+    msg = _prepare_error("mini_imagenet", raw, tmp_path)
+    assert str(bad) in msg and f"class {names['train'][2]} is also in the train split" in msg
     # JPEG layout: a bad header, then a CSV row naming a missing image
     jraw = tmp_path / "jraw"
     fake.write_mini_imagenet(jraw, "jpeg", classes=5, per_class=3)
@@ -305,6 +314,17 @@ def test_tiered_imagenet_errors(tmp_path):
         pickle.dump([b"not a png"] * 15, f)
     msg = _prepare_error("tiered_imagenet", raw, tmp_path)
     assert str(raw / "val_images_png.pkl") in msg and "entry 0" in msg
+    # a class in two splits, by name (the ids are split-local, so an id may repeat across splits)
+    names = fake.write_tiered_imagenet(raw, classes=5, per_class=3)
+    with open(raw / "test_labels.pkl", "rb") as f:
+        labels = pickle.load(f)
+    labels["label_specific_str"][1] = names["val"][3]
+    with open(raw / "test_labels.pkl", "wb") as f:
+        pickle.dump(labels, f, protocol=2)
+    msg = _prepare_error("tiered_imagenet", raw, tmp_path)
+    assert (
+        str(raw / "test_labels.pkl") in msg and f"class {names['val'][3]} is also in the val" in msg
+    )
 
 
 def test_cifar_errors(tmp_path):

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mtl_gbml.data import imageio, safe_pickle
-from mtl_gbml.data.errors import DataError
+from mtl_gbml.data.errors import DataError, claim_classes
 
 IMAGE_SIZE = 84
 SPLITS = ("train", "val", "test")
@@ -83,7 +83,8 @@ def layout(manual_dir: str) -> str:
 
 def check_files(manual_dir: str) -> str:
     """Cheap checks before preparation (the layout exists; the CSVs parse, name existing images and
-    no class is in two splits). Returns the layout."""
+    no class is in two splits; the pickles' classes are checked as they are read). Returns the
+    layout."""
     kind = layout(manual_dir)
     if kind == "jpeg":
         seen: dict[str, str] = {}
@@ -93,8 +94,7 @@ def check_files(manual_dir: str) -> str:
                 img = os.path.join(manual_dir, "images", fname)
                 if not os.path.exists(img):
                     raise DataError(f"{path} names {fname}, but {img} does not exist")
-                if seen.setdefault(label, s) != s:
-                    raise DataError(f"{path}: class {label} is also in the {seen[label]} split")
+                claim_classes(seen, [label], s, path)
     else:
         for s in SPLITS:
             path = os.path.join(manual_dir, PICKLE.format(s))
@@ -164,11 +164,14 @@ class MiniImagenetFewShot(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         manual = os.fspath(dl_manager.manual_dir)
         kind = check_files(manual)
-        return {s: self._generate_examples(manual, kind, s) for s in SPLITS}
+        seen: dict[str, str] = {}  # class -> split, filled as the splits are generated in turn
+        return {s: self._generate_examples(manual, kind, s, seen) for s in SPLITS}
 
-    def _generate_examples(self, manual: str, kind: str, split: str):
+    def _generate_examples(self, manual: str, kind: str, split: str, seen: dict | None = None):
         if kind == "pickle":
-            data, classes = read_cache(os.path.join(manual, PICKLE.format(split)))
+            path = os.path.join(manual, PICKLE.format(split))
+            data, classes = read_cache(path)
+            claim_classes({} if seen is None else seen, classes, split, path)
             for label, name in enumerate(sorted(classes)):
                 for i in classes[name]:
                     yield f"{name}/{i}", {"image": data[i], "label": label, "class_name": name}

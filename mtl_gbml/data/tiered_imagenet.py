@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mtl_gbml.data import imageio, safe_pickle
-from mtl_gbml.data.errors import DataError
+from mtl_gbml.data.errors import DataError, claim_classes
 
 IMAGE_SIZE = 84
 SPLITS = ("train", "val", "test")
@@ -122,12 +122,16 @@ class TieredImagenetFewShot(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         manual = os.fspath(dl_manager.manual_dir)
         check_files(manual)
-        return {s: self._generate_examples(manual, s) for s in SPLITS}
+        seen: dict[str, str] = {}  # class name -> split, filled as the splits are generated in turn
+        return {s: self._generate_examples(manual, s, seen) for s in SPLITS}
 
-    def _generate_examples(self, manual: str, split: str):
+    def _generate_examples(self, manual: str, split: str, seen: dict | None = None):
         lpath = os.path.join(manual, LABELS.format(split))
         ipath = os.path.join(manual, IMAGES.format(split))
         spec, gen, names = read_labels(lpath)
+        if names is not None:  # ids are split-local in the distribution; names are global
+            used = [names[c] for c in np.unique(spec)]
+            claim_classes({} if seen is None else seen, used, split, lpath)
         images = read_images(ipath)  # encoded PNGs only: decoded one at a time below
         if len(images) != len(spec):
             raise DataError(
