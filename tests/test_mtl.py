@@ -124,3 +124,40 @@ def test_test_time_head_is_scikit_learns_logistic_regression_with_eval_logreg_c(
         np.testing.assert_allclose(out[c, bn_mode], want, atol=2e-3, err_msg=f"C={c} {bn_mode}")
     assert np.abs(out[0.5, "transductive"] - out[3.0, "transductive"]).max() > 0.05
     assert np.abs(out[0.5, "transductive"] - out[0.5, "inductive"]).max() > 0.05
+
+
+def test_two_way_episodes_get_scikit_learns_binary_model():
+    """With two classes LogisticRegression fits one weight vector (penalty 0.5 ||d||^2), not the
+    multinomial model: both test-time paths (adapt_and_predict, and predict_from_gram for the
+    cached features) give its decision function as the difference of their two logits."""
+    from adaptation_reference import BatchNormNet
+    from sklearn.linear_model import LogisticRegression
+
+    from mtl_gbml import base_config
+    from mtl_gbml.algorithms import mtl
+    from mtl_gbml.data.sampler import Tasks
+
+    rng = np.random.default_rng(1)
+    ways = 2
+    sx = jnp.asarray(rng.normal(size=(ways * 3, 4, 4, 1)), jnp.float32)
+    qx = jnp.asarray(rng.normal(size=(10, 4, 4, 1)), jnp.float32)
+    sy = jnp.repeat(jnp.arange(ways), 3)
+    config = base_config.get_config("mtl")
+    algo = mtl.build(BatchNormNet(), config, 10)
+    params, state = algo.init(
+        jax.random.PRNGKey(1), Tasks(sx[None], sy[None], qx[None], sy[None], sy[None, :ways])
+    )
+    f = np.asarray(algo.embed(params, state, jnp.concatenate([sx, qx])), np.float64)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    sf, qf = f[: ways * 3], f[ways * 3 :]
+    clf = LogisticRegression(C=config.eval.logreg_c, tol=1e-10, max_iter=10000)
+    want = clf.fit(sf, np.asarray(sy)).decision_function(qf)
+    got = {
+        "adapt_and_predict": algo.adapt_and_predict(params, state, sx, sy, qx, ways),
+        "predict_from_gram": algo.predict_from_gram(
+            params, jnp.asarray(sf @ sf.T, jnp.float32), jnp.asarray(qf @ sf.T, jnp.float32), sy, 2
+        ),
+    }
+    for path, logits in got.items():
+        logits = np.asarray(logits)
+        np.testing.assert_allclose(logits[:, 1] - logits[:, 0], want, atol=2e-3, err_msg=path)

@@ -9,7 +9,10 @@ written for one task and vmapped. Training is first order and joint: plain ``jax
 Test time (official recipe): freeze the backbone, L2-normalise features, fit a new head by
 L2-regularised multinomial logistic regression (scikit-learn's ``C``) to convergence. The fit sees
 the normalised features only through inner products, so the cached-feature evaluator normalises
-the embedded split once and hands the head Gram matrices (``predict_from_gram``).
+the embedded split once and hands the head Gram matrices (``predict_from_gram``). For 2-way
+episodes scikit-learn fits a binary model (one weight vector d, penalty ``0.5 ||d||^2``); the
+multinomial fit with ``C / 2`` is that model (its optimum has ``w_1 = -w_0 = d / 2``), so the
+recipe's 2-way predictions are reproduced too (:func:`recipe_c`).
 """
 
 from __future__ import annotations
@@ -64,12 +67,17 @@ def task_logits(
     return scale * feats @ head[class_ids].T
 
 
+def recipe_c(c: float, ways: int) -> float:
+    """The multinomial fit's ``C`` that gives scikit-learn's ``LogisticRegression(C=c)`` on
+    ``ways`` classes: ``c``, or ``c / 2`` for two (scikit-learn's binary model)."""
+    return c / 2 if ways == 2 else c
+
+
 def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes: int) -> Algorithm:
     a = config.algo
     bn_mode = config.model.bn_mode
-    logreg = dict(
-        c=config.eval.logreg_c, steps=config.eval.logreg_steps, tol=config.eval.logreg_tol
-    )
+    logreg_c = config.eval.logreg_c
+    logreg = dict(steps=config.eval.logreg_steps, tol=config.eval.logreg_tol)
 
     def init(rng, example_tasks):
         k_body, k_head = jax.random.split(rng)
@@ -102,12 +110,14 @@ def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes:
         return models.forward(model, params["backbone"], state, x, train=False)[0]
 
     def predict_from_gram(params, support_gram, query_support_gram, support_y, ways):
-        a, b = linear_heads.logistic_regression_dual(support_gram, support_y, ways, **logreg)
+        c = recipe_c(logreg_c, ways)
+        a, b = linear_heads.logistic_regression_dual(support_gram, support_y, ways, c, **logreg)
         return query_support_gram @ a + b[..., None, :]
 
     def predict_from_features(params, support_f, support_y, query_f, ways):
         support_f, query_f = l2_normalize(support_f), l2_normalize(query_f)
-        w, b = linear_heads.logistic_regression(support_f, support_y, ways, **logreg)
+        c = recipe_c(logreg_c, ways)
+        w, b = linear_heads.logistic_regression(support_f, support_y, ways, c, **logreg)
         return query_f @ w.T + b
 
     def adapt_and_predict(params, state, support_x, support_y, query_x, ways, rng=None):
@@ -129,4 +139,4 @@ def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes:
     )
 
 
-__all__ = ["build", "default_config", "init_head", "task_logits", "cross_entropy"]
+__all__ = ["build", "default_config", "init_head", "recipe_c", "task_logits", "cross_entropy"]
