@@ -52,6 +52,9 @@ def get_config(algorithm: str = "mtl") -> ml_collections.ConfigDict:
     c.model.remat = False
     # ResNet-12: DropBlock's rate ramps up linearly over this many training steps (0 = off)
     c.model.dropblock_ramp_steps = 0
+    # ResNet-12: global-average-pool the last map (the MTL code: 640 dims) or flatten it (False:
+    # MetaOptNet, 16000 dims on 84x84 images)
+    c.model.avg_pool = True
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adam"  # 'adam' | 'radam' | 'sgd' (momentum)
@@ -128,4 +131,11 @@ LEGACY_VALUES: dict[str, Any] = {
     "algo.solver_tol": 0.0,  # MetaOptNet ran its solver_steps in full before
     "optimizer.decay_factors": [],  # decay_factor at every decay step
     "model.dropblock_ramp_steps": 0,  # DropBlock at its full rate from the first step
+    "model.avg_pool": True,  # ResNet-12's features were always average-pooled
+    "algo.label_smoothing": 0.0,  # protonet, r2d2, metaoptnet: none before
+    "algo.intercept": True,  # r2d2: the features always had a constant 1 appended
+    "algo.scale_by_dim": False,  # protonet: plain negative squared distances before
+    "algo.learn_scale": False,
+    "algo.bn_per_task": False,  # mtl: a step's tasks were always one BatchNorm batch
+    "algo.init_scale": 1.0,  # protonet: no scale before (r2d2 and metaoptnet always had the key)
 }

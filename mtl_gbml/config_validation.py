@@ -206,6 +206,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 raise ConfigError(
                     f"algo.{key}={c.algo[key]} must be positive (R2D2 learns its logarithm)"
                 )
+    if c.algorithm in ("metaoptnet", "protonet") and not c.algo.init_scale > 0:
+        raise ConfigError(
+            f"algo.init_scale={c.algo.init_scale} must be positive (the logit scale is learned "
+            "as its logarithm)"
+        )
+    if "label_smoothing" in c.algo and not 0.0 <= c.algo.label_smoothing < 1.0:
+        raise ConfigError(
+            f"algo.label_smoothing={c.algo.label_smoothing}: use a value in [0, 1) (0: none)"
+        )
     head_inits = {"mtl": MTL_HEAD_INITS, "anil": HEAD_INITS}
     head_inits.update(dict.fromkeys(WHOLE_NETWORK, HEAD_INITS))
     if c.algorithm in head_inits and c.algo.head_init not in head_inits[c.algorithm]:

@@ -7,9 +7,12 @@ the per-dataset constants) and calls one of these; the four datasets share every
   ResNet-12, RAdam, 60 epochs with lr x 0.1 at 50% and 75% (the plateau schedule's deviation is
   described in each config's docstring).
 - :func:`metaoptnet_family`: ProtoNet, R2D2 and MetaOptNet as in MetaOptNet (Lee et al. 2019):
-  ResNet-12, SGD with momentum 0.9, weight decay 5e-4, 60 epochs of 1000 steps, lr 0.1 x 0.06 /
+  its heads (a logit scale learned from 1; R2D2 with lambda fixed at 50 and no intercept; ProtoNet
+  distances divided by the feature dimension), label smoothing 0.1 on mini-ImageNet,
+  ResNet-12 with its last map flattened (16000-d features on 84x84 images, 2560-d on 32x32), SGD with momentum 0.9, weight decay 5e-4, 60 epochs of 1000 steps, lr 0.1 x 0.06 /
   0.2 / 0.2 from epochs 20 / 40 / 50 (MetaOptNet's ``lambda_epoch``).
-- :func:`maml`: second-order MAML with a Conv4 of width 32, transductive BatchNorm.
+- :func:`maml`: second-order MAML with a Conv4 of width 32 and a meta-learned head, transductive
+  BatchNorm.
 
 Variants: ``5shot`` (default), ``1shot``, and ``runlocal`` (2 steps of a tiny network on a tiny
 prepared dataset; the tests use it), combinable as ``1shot,runlocal``.
@@ -43,6 +46,16 @@ METAOPTNET_DECAYS = ((20, 0.06), (40, 0.2), (50, 0.2))
 # validation (2000 episodes); 20 epochs is its 20 * 2000 read as training calls (counting its
 # validation calls too, the ramp would end in epoch 7).
 DROPBLOCK_RAMP_EPOCHS = 20
+# MetaOptNet's train.py --eps (label smoothing) in its README's commands: 0.1 on mini-ImageNet only
+METAOPTNET_EPS = {"mini_imagenet": 0.1}
+# MetaOptNet's heads (models/classification_heads.py): every head's logits times a learnable scale
+# starting at 1; R2D2Head: ridge lambda fixed at 50, no intercept; ProtoNetHead: squared distances
+# divided by the feature dimension
+METAOPTNET_HEADS = {
+    "protonet": {"scale_by_dim": True, "learn_scale": True, "init_scale": 1.0},
+    "r2d2": {"init_lambda": 50.0, "learn_lambda": False, "intercept": False, "init_scale": 1.0},
+    "metaoptnet": {"init_scale": 1.0},
+}
 
 
 def parse_variant(arg: str | None) -> tuple[int, bool]:
@@ -108,6 +121,7 @@ def mtl(
     _resnet12(c, dataset)
     c.model.bn_mode = "inductive"
     c.algo.feature_norm = feature_norm
+    c.algo.bn_per_task = True  # the official code's one task per forward
     c.algo.head_init, c.algo.logit_scale = "official", 1.0
     c.optimizer.name, c.optimizer.lr, c.optimizer.weight_decay = "radam", 1e-3, 0.0
     epoch = -(-TASKS_PER_EPOCH // tasks)  # steps per epoch
@@ -136,6 +150,9 @@ def metaoptnet_family(
     c.data.ways, c.data.shots, c.data.queries = 5, train_shot, 6
     c.data.tasks_per_step = 8
     _resnet12(c, dataset)
+    c.model.avg_pool = False  # resnet12(avg_pool=False): the last map flattened
+    c.algo.update(METAOPTNET_HEADS[algorithm])
+    c.algo.label_smoothing = METAOPTNET_EPS.get(dataset, 0.0)
     c.optimizer.name, c.optimizer.lr, c.optimizer.momentum = "sgd", 0.1, 0.9
     c.optimizer.weight_decay = 5e-4
     epoch = 1000
@@ -151,7 +168,8 @@ def metaoptnet_family(
 
 
 def maml(dataset: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """MAML: Conv4 width 32, transductive BatchNorm, 5 inner steps of 0.01 (10 at test)."""
+    """MAML: Conv4 width 32, a meta-learned head, transductive BatchNorm, 5 inner steps of 0.01
+    (10 at test)."""
     shots, runlocal = parse_variant(arg)
     c = base_config.get_config("maml")
     _dataset(c, dataset)
@@ -161,6 +179,7 @@ def maml(dataset: str, arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.bn_mode = "transductive"
     c.algo.inner_steps, c.algo.inner_lr = 5, 0.01
     c.algo.test_inner_steps, c.algo.test_inner_lr = 10, 0.01
+    c.algo.head_init = "learned"  # MAML meta-learns the 5-way head (tested at 5 ways only)
     c.optimizer.name, c.optimizer.lr = "adam", 1e-3
     c.train.steps = 60000
     c.train.time_budget_s = 0.0

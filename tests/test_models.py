@@ -170,10 +170,11 @@ def test_dropblock_scale_multiplies_the_rate():
         assert abs(frac - want) < 5 * np.sqrt(want * (1 - want) / 4096), (scale, frac)
 
 
-def _np_resnet12(params, x):
+def _np_resnet12(params, x, avg_pool=True):
     """ResNet-12 in numpy from the paper's description (Lee et al. 2019): per block three
     conv3x3-BN layers with LeakyReLU(0.1) after the first two, a conv1x1-BN shortcut, LeakyReLU(0.1)
-    of the sum, 2x2 max-pool; BatchNorm on the batch's biased statistics; global average pool."""
+    of the sum, 2x2 max-pool; BatchNorm on the batch's biased statistics; global average pool (or,
+    MetaOptNet's, the last map flattened: every position's channels in turn)."""
 
     def conv(h, k):  # 'SAME', stride 1, no bias
         p = k.shape[0] // 2
@@ -198,14 +199,17 @@ def _np_resnet12(params, x):
         y = leaky(y + bn(conv(h, p["Conv_3"]["kernel"]), p["BatchNorm_3"]))
         n, hh, ww, c = y.shape
         h = y.reshape(n, hh // 2, 2, ww // 2, 2, c).max((2, 4))
+    if not avg_pool:
+        return np.stack([h[i].reshape(-1) for i in range(len(h))])
     return h.mean((1, 2))
 
 
-def test_resnet12_matches_a_numpy_reference():
+@pytest.mark.parametrize("avg_pool", [True, False])
+def test_resnet12_matches_a_numpy_reference(avg_pool):
     from mtl_gbml.models.resnet12 import ResNet12
 
-    model = ResNet12(widths=(3, 4, 5, 6))
-    x = jax.random.normal(jax.random.PRNGKey(0), (3, 16, 16, 3))
+    model = ResNet12(widths=(3, 4, 5, 6), avg_pool=avg_pool)
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 32, 32, 3))  # a 2x2 last map, as CIFAR's
     # random values for every variable, from the init's shapes (compiling the init costs ~10 s):
     # kernels scaled to keep activations O(1), BatchNorm scales and biases away from 1 and 0
     shapes = jax.eval_shape(
@@ -225,7 +229,8 @@ def test_resnet12_matches_a_numpy_reference():
         lambda v, x: model.apply(v, x, train=False, use_batch_stats=True, mutable=["batch_stats"])
     )
     got, _ = apply(v, x)
-    np.testing.assert_allclose(got, _np_resnet12(params, x), rtol=1e-4, atol=1e-5)
+    assert got.shape == (3, 6 if avg_pool else 6 * 2 * 2)
+    np.testing.assert_allclose(got, _np_resnet12(params, x, avg_pool), rtol=1e-4, atol=1e-5)
 
 
 def test_resnet12_regularisation_is_metaoptnets():

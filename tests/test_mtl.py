@@ -3,16 +3,17 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import load_config
 
 from mtl_gbml import algorithms, models
 from mtl_gbml.data.sampler import make_pool, prepare_tasks, sample_tasks
 
 
-def _setup(tasks_per_step, num_classes=40, feature_norm=False):
+def _setup(tasks_per_step, num_classes=40, feature_norm=False, bn_per_task=False):
     config = load_config("configs/omniglot/mtl.py", "runlocal")
     config.unlock()
-    config.algo.feature_norm = feature_norm
+    config.algo.feature_norm, config.algo.bn_per_task = feature_norm, bn_per_task
     imgs = np.random.default_rng(0).integers(0, 255, (num_classes * 4, 28, 28, 1), np.uint8)
     pool = make_pool(imgs, np.repeat(np.arange(num_classes), 4))
     algo = algorithms.build("mtl", models.build(config.model), config, pool.num_classes)
@@ -40,20 +41,27 @@ def test_gradient_touches_only_the_rows_of_sampled_classes():
     np.testing.assert_array_equal(touched, np.unique(np.asarray(tasks.class_ids)))
 
 
-def test_vmapped_loss_matches_a_python_loop():
-    config, algo, params, state, tasks = _setup(4, feature_norm=True)
-    loss, _ = algo.meta_loss(params, state, tasks, jax.random.PRNGKey(1))
-    # independent computation: one backbone pass, then a loop over tasks with an explicit softmax
+@pytest.mark.parametrize("bn_per_task", [False, True])
+def test_vmapped_loss_matches_a_python_loop(bn_per_task):
+    """The loss, and with ``bn_per_task`` the BatchNorm state: the mean of the tasks' updates,
+    each task through the backbone as its own batch (a loop), else all tasks as one batch."""
+    config, algo, params, state, tasks = _setup(4, feature_norm=True, bn_per_task=bn_per_task)
+    loss, (new_state, _) = algo.meta_loss(params, state, tasks, jax.random.PRNGKey(1))
+    # independent computation: backbone passes, then a loop over tasks with an explicit softmax
     x = jnp.concatenate([tasks.support_x, tasks.query_x], 1)
     y = np.concatenate([tasks.support_y, tasks.query_y], 1)
-    feats, _ = models.forward(
-        models.build(config.model),
-        params["backbone"],
-        state,
-        x.reshape((-1, 28, 28, 1)),
-        train=True,
+    fwd = lambda x: models.forward(
+        models.build(config.model), params["backbone"], state, x, train=True
     )
-    feats = np.asarray(feats, np.float64).reshape(4, x.shape[1], -1)
+    if bn_per_task:
+        outs = [fwd(x[t]) for t in range(4)]
+        feats = np.stack([np.asarray(f, np.float64) for f, _ in outs])
+        want_state = jax.tree.map(lambda *s: np.mean(s, axis=0), *[s for _, s in outs])
+    else:
+        feats, want_state = fwd(x.reshape((-1, 28, 28, 1)))
+        feats = np.asarray(feats, np.float64).reshape(4, x.shape[1], -1)
+    for got, want in zip(jax.tree.leaves(new_state), jax.tree.leaves(want_state), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
     head = np.asarray(params["head"], np.float64)
     total = 0.0
     for t in range(4):

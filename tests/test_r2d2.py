@@ -15,23 +15,26 @@ from mtl_gbml.data.sampler import Tasks
 from mtl_gbml.models.conv4 import Conv4
 
 
+@pytest.mark.parametrize("intercept", [True, False])  # False: MetaOptNet's R2D2Head
 @pytest.mark.parametrize("n_per_class,dim", [(2, 9), (5, 4)])  # n < D+1 and n > D+1
-def test_ridge_head_matches_numpy(n_per_class, dim):
+def test_ridge_head_matches_numpy(n_per_class, dim, intercept):
     rng = np.random.default_rng(0)
     ways, lam, scale, bias = 3, 0.7, 2.5, 0.3
     sf = rng.normal(size=(ways * n_per_class, dim))
     sy = rng.permutation(np.repeat(np.arange(ways), n_per_class))
     qf = rng.normal(size=(6, dim))
-    x = np.concatenate([sf, np.ones((len(sf), 1))], 1)
+    ones = lambda f: np.concatenate([f, np.ones((len(f), 1))], 1) if intercept else f
+    x = ones(sf)
+    d = x.shape[1]
     y = np.eye(ways)[sy]
-    w = np.linalg.solve(x.T @ x + lam * np.eye(dim + 1), x.T @ y)  # primal (D+1)x(D+1) system
+    w = np.linalg.solve(x.T @ x + lam * np.eye(d), x.T @ y)  # primal d x d system
     # the same minimiser as least squares on the augmented system [x; sqrt(lam) I] w = [y; 0]
-    aug_x = np.concatenate([x, np.sqrt(lam) * np.eye(dim + 1)])
-    aug_y = np.concatenate([y, np.zeros((dim + 1, ways))])
+    aug_x = np.concatenate([x, np.sqrt(lam) * np.eye(d)])
+    aug_y = np.concatenate([y, np.zeros((d, ways))])
     np.testing.assert_allclose(w, np.linalg.lstsq(aug_x, aug_y, rcond=None)[0], atol=1e-10)
-    expected = scale * np.concatenate([qf, np.ones((6, 1))], 1) @ w + bias
+    expected = scale * ones(qf) @ w + bias
     with jax.experimental.enable_x64():
-        got_w = r2d2.ridge_weights(jnp.asarray(sf), jnp.asarray(sy), ways, lam)
+        got_w = r2d2.ridge_weights(jnp.asarray(sf), jnp.asarray(sy), ways, lam, intercept)
         np.testing.assert_allclose(np.asarray(got_w), w, rtol=1e-9, atol=1e-11)
         params = {
             "r2d2": {
@@ -40,7 +43,9 @@ def test_ridge_head_matches_numpy(n_per_class, dim):
                 "bias": jnp.asarray(bias),
             }
         }
-        got = r2d2.logits(params, jnp.asarray(sf), jnp.asarray(sy), jnp.asarray(qf), ways)
+        got = r2d2.logits(
+            params, jnp.asarray(sf), jnp.asarray(sy), jnp.asarray(qf), ways, intercept
+        )
         np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-9, atol=1e-11)
 
 

@@ -51,3 +51,45 @@ def test_recipes_ramp_dropblock_over_20_epochs(dataset):
                 math.ceil(1600 / c.data.tasks_per_step) if algorithm == "mtl" else 1000
             )
             assert c.model.dropblock_ramp_steps == 20 * epoch, (algorithm, variant)
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_feature_dimensions_are_the_references(dataset):
+    """The MTL code average-pools ResNet-12's last map (640-d); MetaOptNet flattens it
+    (``resnet12(avg_pool=False)``): 640 x 5 x 5 on 84x84 images, 640 x 2 x 2 on CIFAR's 32x32."""
+    import jax
+    import jax.numpy as jnp
+
+    from mtl_gbml import models
+
+    size, cells = (32, 4) if dataset in ("cifar_fs", "fc100") else (84, 25)
+    x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    for algorithm in ("mtl", "protonet", "r2d2", "metaoptnet"):
+        model = models.build(load_config(f"configs/{dataset}/{algorithm}.py").model)
+        variables = jax.eval_shape(
+            lambda x, m=model: m.init(jax.random.PRNGKey(0), x, train=False, use_batch_stats=False),
+            x,
+        )
+        out = jax.eval_shape(
+            lambda v, x, m=model: m.apply(v, x, train=False, use_batch_stats=False), variables, x
+        )
+        assert out.shape == (2, 640 if algorithm == "mtl" else 640 * cells), algorithm
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_metaoptnet_family_heads_shots_and_smoothing_are_metaoptnets(dataset):
+    """MetaOptNet's README commands and heads: --train-shot 15 (mini-ImageNet, FC100), 10
+    (tiered-ImageNet), 5 (CIFAR-FS); --eps 0.1 on mini-ImageNet only; a logit scale learned from 1
+    for every head, R2D2Head's lambda fixed at 50 without an intercept, ProtoNetHead's distances
+    divided by the dimension."""
+    shot = {"mini_imagenet": 15, "fc100": 15, "tiered_imagenet": 10, "cifar_fs": 5}[dataset]
+    eps = 0.1 if dataset == "mini_imagenet" else 0.0
+    for algorithm in ("protonet", "r2d2", "metaoptnet"):
+        for variant in ("5shot", "1shot"):
+            c = load_config(f"configs/{dataset}/{algorithm}.py", variant)
+            assert c.data.shots == shot and c.algo.label_smoothing == eps, (algorithm, variant)
+            assert c.algo.init_scale == 1.0 and not c.model.avg_pool
+    p = load_config(f"configs/{dataset}/protonet.py").algo
+    assert p.scale_by_dim and p.learn_scale
+    r = load_config(f"configs/{dataset}/r2d2.py").algo
+    assert (r.init_lambda, r.learn_lambda, r.intercept) == (50.0, False, False)

@@ -8,7 +8,8 @@ Train and evaluate:
     python -m mtl_gbml.train --config configs/cifar_fs/maml.py:5shot --workdir runs/cifar_fs_maml_5shot
     python -m mtl_gbml.train --config configs/cifar_fs/maml.py:1shot --workdir runs/cifar_fs_maml_1shot
 
-Recipe: 5 inner steps of lr 0.01 in training, 10 at test; 15 queries per class; 4 tasks per step
+Recipe: a meta-learned head (zero-initialised); 5 inner steps of lr 0.01 in training, 10 at
+test; 15 queries per class; 4 tasks per step
 (1-shot) / 2 (5-shot); Adam 1e-3; 60,000 steps; no augmentation; transductive BatchNorm as in the
 MAML paper's numbers. Variants: ``5shot`` (default), ``1shot``, ``runlocal`` (tests).
 """

@@ -44,6 +44,17 @@ def task_features(model, backbone, state, tasks, rng, merged: bool = True):
     return sf, qf, jax.tree.map(lambda s: s.mean(0), states)
 
 
+def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, eps: float) -> jax.Array:
+    """Mean cross-entropy against MetaOptNet's smoothed targets: ``1 - eps`` on the label and
+    ``eps / (ways - 1)`` on each other class (its train.py's ``--eps``); ``eps=0``: plain."""
+    if eps == 0.0:
+        return cross_entropy(logits, labels)
+    ways = logits.shape[-1]
+    onehot = jax.nn.one_hot(labels, ways, dtype=logits.dtype)
+    target = onehot * (1.0 - eps) + (1.0 - onehot) * eps / (ways - 1)
+    return -(target * jax.nn.log_softmax(logits, axis=-1)).sum(-1).mean()
+
+
 def make(
     name: str,
     model,
@@ -52,10 +63,12 @@ def make(
     head_logits: Callable,
     train_head_logits: Callable | None = None,
     merged: bool = True,
+    label_smoothing: float = 0.0,
 ) -> Algorithm:
     """Algorithm from ``head_logits(params, support_f, support_y, query_f, ways) -> logits`` (one
     episode, differentiable; ``train_head_logits`` if training uses other settings) and
-    ``init_head(rng, dim) -> dict`` (extra meta-parameters)."""
+    ``init_head(rng, dim) -> dict`` (extra meta-parameters). ``label_smoothing``: the training
+    loss's targets, as :func:`smoothed_cross_entropy`."""
     train_head_logits = train_head_logits or head_logits
 
     def init(rng, example_tasks):
@@ -71,7 +84,7 @@ def make(
 
         def one_task(sf, sy, qf, qy):
             logits = train_head_logits(params, sf, sy, qf, ways)
-            return cross_entropy(logits, qy), accuracy(logits, qy)
+            return smoothed_cross_entropy(logits, qy, label_smoothing), accuracy(logits, qy)
 
         losses, accs = jax.vmap(one_task)(sf, tasks.support_y, qf, tasks.query_y)
         return losses.mean(), (new_state, {"accuracy": accs.mean()})

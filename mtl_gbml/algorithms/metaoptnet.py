@@ -65,6 +65,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Started at 10, as R2D2's: 65.7 -> 83.4% 20w1s validation at step 150 of the same run,
     # paired, same seed (configs/omniglot/metaoptnet.py:budget).
     c.init_scale = 10.0
+    # training targets smoothed as in MetaOptNet's train.py --eps (frozen.smoothed_cross_entropy)
+    c.label_smoothing = 0.0
     return c
 
 
@@ -191,4 +193,11 @@ def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes:
     def init_head(rng, dim):
         return {"svm": {"log_scale": jnp.log(jnp.asarray(a.init_scale, jnp.float32))}}
 
-    return frozen.make("metaoptnet", model, config.model.bn_mode, init_head, head_logits)
+    return frozen.make(
+        "metaoptnet",
+        model,
+        config.model.bn_mode,
+        init_head,
+        head_logits,
+        label_smoothing=a.label_smoothing,
+    )

@@ -3,8 +3,9 @@
 One weight row per base class, no bias: ``head`` has shape [num_base_classes, D] however many tasks
 a step samples. A task's head is the rows of its class ids in sampling order, and its softmax runs
 over its N classes only. Support and query are merged into one training set per task (as in the
-official code); the backbone sees all tasks' images as one batch, and the per-task loss is
-written for one task and vmapped. Training is first order and joint: plain ``jax.grad``.
+official code); the backbone sees all tasks' images as one batch (``bn_per_task=True``: each task
+as its own batch, as the official code's one task per forward), and the per-task loss is written
+for one task and vmapped. Training is first order and joint: plain ``jax.grad``.
 
 Test time (official recipe): freeze the backbone, L2-normalise features, fit a new head by
 L2-regularised multinomial logistic regression (scikit-learn's ``C``) to convergence. The fit sees
@@ -39,6 +40,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.head_init = "official"  # 'official' (Kaiming-uniform x sqrt(C/N)) | 'zeros' | 'normal'
     c.logit_scale = 1.0  # fixed multiplier of the task logits (the official code has none: 1.0)
     c.label_smoothing = 0.0
+    # BatchNorm statistics per task (the official code: one task per forward, gradients
+    # accumulated over a step's tasks) instead of over all of a step's tasks as one batch
+    c.bn_per_task = False
     return c
 
 
@@ -90,9 +94,16 @@ def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes:
     def meta_loss(params, state, tasks, rng):
         x, y = merge_support_query(tasks)
         num_tasks, n = y.shape
-        feats, new_state = models.forward(
-            model, params["backbone"], state, flatten_tasks(x), train=True, rng=rng
-        )
+        if a.bn_per_task:  # each task its own batch; the running statistics' update averaged
+            one = lambda xi, k: models.forward(
+                model, params["backbone"], state, xi, train=True, rng=k
+            )
+            feats, states = jax.vmap(one)(x, jax.random.split(rng, num_tasks))
+            new_state = jax.tree.map(lambda s: s.mean(0), states)
+        else:
+            feats, new_state = models.forward(
+                model, params["backbone"], state, flatten_tasks(x), train=True, rng=rng
+            )
         feats = feats.reshape(num_tasks, n, -1)
 
         def one_task(f, labels, class_ids):

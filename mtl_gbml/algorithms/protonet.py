@@ -3,6 +3,11 @@
 A class's prototype is the mean of its support features; a query's logits are the negative squared
 Euclidean distances to the prototypes. No head parameters: only the backbone is learned, episode by
 episode (see :mod:`mtl_gbml.algorithms.frozen` for BatchNorm and evaluation).
+
+MetaOptNet's ProtoNet head (its ResNet-12 ProtoNet numbers) differs in two options, both off by
+default: ``scale_by_dim`` divides the squared distances by the feature dimension (its
+``normalize=True``), and ``learn_scale`` multiplies the logits by a meta-learned scale starting at
+``init_scale`` (its ``ClassificationHead``'s, from 1; learned here as its logarithm).
 """
 
 from __future__ import annotations
@@ -18,7 +23,13 @@ from mtl_gbml.algorithms.base import Algorithm
 
 
 def default_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict()  # no hyperparameters of its own
+    c = ml_collections.ConfigDict()
+    c.scale_by_dim = False  # divide the squared distances by the feature dimension (MetaOptNet)
+    c.learn_scale = False  # a meta-learned logit scale (MetaOptNet's ClassificationHead)
+    c.init_scale = 1.0  # its starting value
+    # training targets smoothed as in MetaOptNet's train.py --eps (frozen.smoothed_cross_entropy)
+    c.label_smoothing = 0.0
+    return c
 
 
 def logits(support_f: jax.Array, support_y: jax.Array, query_f: jax.Array, ways: int) -> jax.Array:
@@ -29,10 +40,26 @@ def logits(support_f: jax.Array, support_y: jax.Array, query_f: jax.Array, ways:
 
 
 def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes: int) -> Algorithm:
+    a = config.algo
+
+    def init_head(rng, dim):
+        if not a.learn_scale:
+            return {}
+        return {"protonet": {"log_scale": jnp.log(jnp.asarray(a.init_scale, jnp.float32))}}
+
+    def head_logits(params, sf, sy, qf, ways):
+        out = logits(sf, sy, qf, ways)
+        if a.scale_by_dim:
+            out = out / sf.shape[-1]
+        if a.learn_scale:
+            out = jnp.exp(params["protonet"]["log_scale"]) * out
+        return out
+
     return frozen.make(
         "protonet",
         model,
         config.model.bn_mode,
-        init_head=lambda rng, dim: {},
-        head_logits=lambda params, sf, sy, qf, ways: logits(sf, sy, qf, ways),
+        init_head=init_head,
+        head_logits=head_logits,
+        label_smoothing=a.label_smoothing,
     )

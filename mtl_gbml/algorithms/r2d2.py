@@ -1,11 +1,13 @@
 """R2D2 (Bertinetto, Henriques, Torr, Vedaldi, ICLR 2019): closed-form ridge-regression head.
 
-Per task: support features X [n, D] with a constant 1 appended (a regularised bias), one-hot
-targets Y [n, N]; ``W = X^T (X X^T + lambda I)^{-1} Y`` (Woodbury form: an n x n system, cheap when
-n = N*K << D), query logits ``scale * X_q W + bias``. ``lambda``, ``scale`` and ``bias`` are
-meta-learned (lambda and scale through their logarithms, so they stay positive), and the
-backbone is trained by differentiating through the closed form. The scalar bias cancels in the
-softmax cross-entropy (its gradient is zero); it is kept for fidelity to the paper's adjust layer.
+Per task: support features X [n, D] with a constant 1 appended (a regularised bias; not with
+``intercept=False``, MetaOptNet's ``R2D2Head``), one-hot targets Y [n, N];
+``W = X^T (X X^T + lambda I)^{-1} Y`` (Woodbury form: an n x n system, cheap when n = N*K << D),
+query logits ``scale * X_q W + bias``. ``lambda``, ``scale`` and ``bias`` are meta-learned (lambda
+and scale through their logarithms, so they stay positive; ``learn_lambda=False`` keeps lambda at
+``init_lambda``, as MetaOptNet's fixed 50), and the backbone is trained by differentiating through
+the closed form. The scalar bias cancels in the softmax cross-entropy (its gradient is zero); it is
+kept for fidelity to the paper's adjust layer.
 """
 
 from __future__ import annotations
@@ -24,24 +26,33 @@ def default_config() -> ml_collections.ConfigDict:
     c.init_lambda = 1.0  # ridge strength (meta-learned as log lambda)
     c.init_scale = 10.0  # logit scale (meta-learned as log scale)
     c.learn_lambda = True
+    c.intercept = True  # append a constant 1 to the features (False: MetaOptNet's R2D2Head)
+    # training targets smoothed as in MetaOptNet's train.py --eps (frozen.smoothed_cross_entropy)
+    c.label_smoothing = 0.0
     return c
 
 
-def ridge_weights(support_f: jax.Array, support_y: jax.Array, ways: int, lam) -> jax.Array:
-    """W [D+1, ways] of ridge regression on [support_f, 1] -> one-hot, in Woodbury form."""
+def _with_ones(f: jax.Array, intercept: bool) -> jax.Array:
+    return jnp.concatenate([f, jnp.ones((f.shape[0], 1), f.dtype)], axis=1) if intercept else f
+
+
+def ridge_weights(
+    support_f: jax.Array, support_y: jax.Array, ways: int, lam, intercept: bool = True
+) -> jax.Array:
+    """W [D+1, ways] of ridge regression on [support_f, 1] -> one-hot, in Woodbury form ([D, ways]
+    on support_f alone without ``intercept``)."""
     n = support_f.shape[0]
-    x = jnp.concatenate([support_f, jnp.ones((n, 1), support_f.dtype)], axis=1)
+    x = _with_ones(support_f, intercept)
     y = jax.nn.one_hot(support_y, ways, dtype=support_f.dtype)
     gram = x @ x.T + lam * jnp.eye(n, dtype=support_f.dtype)
     alpha = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram, lower=True), y)
     return x.T @ alpha
 
 
-def logits(params, support_f, support_y, query_f, ways):
+def logits(params, support_f, support_y, query_f, ways, intercept: bool = True):
     p = params["r2d2"]
-    w = ridge_weights(support_f, support_y, ways, jnp.exp(p["log_lambda"]))
-    xq = jnp.concatenate([query_f, jnp.ones((query_f.shape[0], 1), query_f.dtype)], axis=1)
-    return jnp.exp(p["log_scale"]) * (xq @ w) + p["bias"]
+    w = ridge_weights(support_f, support_y, ways, jnp.exp(p["log_lambda"]), intercept)
+    return jnp.exp(p["log_scale"]) * (_with_ones(query_f, intercept) @ w) + p["bias"]
 
 
 def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes: int) -> Algorithm:
@@ -60,6 +71,13 @@ def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes:
         if not a.learn_lambda:
             r = dict(params["r2d2"], log_lambda=jax.lax.stop_gradient(params["r2d2"]["log_lambda"]))
             params = dict(params, r2d2=r)
-        return logits(params, sf, sy, qf, ways)
+        return logits(params, sf, sy, qf, ways, a.intercept)
 
-    return frozen.make("r2d2", model, config.model.bn_mode, init_head, head_logits)
+    return frozen.make(
+        "r2d2",
+        model,
+        config.model.bn_mode,
+        init_head,
+        head_logits,
+        label_smoothing=a.label_smoothing,
+    )

@@ -34,6 +34,7 @@ _REGISTRY: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
         dtype=jnp.dtype(c.dtype),
         remat=c.remat,
         dropblock_ramp_steps=check_resnet12(c),
+        avg_pool=c.get("avg_pool", True),
     ),
 }
 

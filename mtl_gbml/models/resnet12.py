@@ -1,6 +1,8 @@
 """ResNet-12 (Lee et al. 2019, MetaOptNet; the MTL paper's backbone): 4 residual blocks of widths
 64-160-320-640, each conv3x3-BN-LeakyReLU(0.1) x3 with a conv1x1-BN shortcut, maxpool 2; features
-are global-average-pooled (640 dims).
+are the last map global-average-pooled (``avg_pool=True``, 640 dims: the MTL code) or flattened
+(``avg_pool=False``: MetaOptNet's ``resnet12(avg_pool=False)``, 640 x 5 x 5 = 16000 dims on 84x84
+images, 640 x 2 x 2 = 2560 on CIFAR's 32x32).
 
 As in MetaOptNet's ``models/ResNet12_embedding.py`` and the MTL code's ``models/resnet.py`` (the
 same network):
@@ -117,6 +119,7 @@ class ResNet12(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     dropblock_ramp_steps: int = 0  # 0: DropBlock at its full rate from the first step
+    avg_pool: bool = True  # False: flatten the last map (MetaOptNet), in (h, w, c) order
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, use_batch_stats: bool) -> jax.Array:
@@ -136,4 +139,6 @@ class ResNet12(nn.Module):
             x = block_cls(
                 w, self.drop_rate, drop_block, self.dropblock_size, self.dtype, name=f"ResBlock_{i}"
             )(x, train, use_batch_stats, ramp)
-        return x.mean(axis=(1, 2)).astype(jnp.float32)
+        if self.avg_pool:
+            return x.mean(axis=(1, 2)).astype(jnp.float32)
+        return x.reshape(x.shape[0], -1).astype(jnp.float32)
