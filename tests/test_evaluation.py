@@ -231,7 +231,8 @@ def test_a_transductive_frozen_backbone_is_evaluated_episode_by_episode():
 
 def test_the_adapted_path_draws_the_same_episode_keys_and_ignores_the_batch():
     """Episodes adapted one by one (whole-network algorithms, transductive BatchNorm): episode e's
-    task comes from the first half of its key, and the accuracies do not move with the batch."""
+    task is drawn from its key itself, as the cached path draws it, and the accuracies do not move
+    with the batch."""
     pool, _ = _id_pool()
     head = jax.jit(_nearest_head, static_argnums=4)
 
@@ -246,9 +247,49 @@ def test_the_adapted_path_draws_the_same_episode_keys_and_ignores_the_batch():
     accs = []
     for e in range(episodes):
         k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, ways), shots), e)
-        t = sample_task(pool, jax.random.split(k)[0], ways, shots, queries)
+        t = sample_task(pool, k, ways, shots, queries)
         sf, qf = (_embed(None, None, to_float(x)) for x in (t.support_x, t.query_x))
         accs.append(float(jnp.mean(head(None, sf, t.support_y, qf, ways).argmax(-1) == t.query_y)))
     assert len(set(accs)) > 1
     assert got["4way1shot"] == pytest.approx(summarize(np.array(accs)), rel=1e-6)
     assert evaluate(algo, None, None, pool, [(ways, shots)], batch=5, **kw) == got
+
+
+def test_both_paths_score_the_same_episodes():
+    """A frozen backbone without BatchNorm has the same features in either mode, so the cached
+    path (inductive) and the per-episode path (transductive) must give equal accuracies: they
+    draw the same task from each episode's key (the per-episode path drew from a split key)."""
+    pool, _ = _id_pool()
+
+    def adapt_and_predict(params, state, support_x, support_y, query_x, ways, rng=None):
+        return _nearest_head(None, _embed(None, None, support_x), support_y,
+                             _embed(None, None, query_x), ways)  # fmt: skip
+
+    algo = Algorithm("stub", None, None, adapt_and_predict, True, _embed, _nearest_head)
+    kw = dict(episodes=40, queries=2, batch=16, rng=jax.random.PRNGKey(3))
+    ind = evaluate(algo, None, None, pool, [(4, 1)], bn_mode="inductive", **kw)["4way1shot"]
+    tra = evaluate(algo, None, None, pool, [(4, 1)], bn_mode="transductive", **kw)["4way1shot"]
+    assert 0.0 < ind["accuracy"] < 100.0 and ind["ci95"] > 0
+    assert tra == pytest.approx(ind, rel=1e-6)
+
+
+def test_a_split_is_embedded_whole_classes_at_a_time_within_an_image_budget():
+    """embed_pool: every (class, image) embedded as by itself; calls of at most ``images`` images
+    (whole classes, at least one), no class padding beyond the last call's."""
+    from mtl_gbml.evaluation import embed_pool
+
+    per_class = 7
+    imgs = np.random.default_rng(0).integers(0, 255, (5 * per_class, 3, 3, 1), np.uint8)
+    pool = make_pool(imgs, np.repeat(np.arange(5), per_class))
+    shapes = []
+
+    def embed(params, state, x):
+        shapes.append(x.shape[0])  # at trace time: one entry per compiled call shape
+        return x.reshape(x.shape[0], -1) * 2.0
+
+    for images, calls in ((14, 2 * per_class), (100, 5 * per_class), (3, per_class)):
+        shapes.clear()
+        got = np.asarray(embed_pool(embed, None, None, pool, images=images))
+        assert shapes == [calls], (images, shapes)
+        want = 2.0 * np.asarray(to_float(jnp.asarray(imgs))).reshape(5, per_class, -1)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
