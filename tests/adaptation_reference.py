@@ -39,14 +39,18 @@ def _cross_entropy(logits, y):
 
 
 def reference_logits(
-    model, params, state, sx, sy, qx, ways, *, steps, lr, lam, whole, bn_mode, learned
-):
+    model, params, state, sx, sy, qx, ways, *, steps, lr, lam, whole, bn_mode, learned,
+    merged=False,
+):  # fmt: skip
     """Query logits after ``steps`` plain gradient steps on the support set.
 
     ``whole``: the backbone is adapted too and the support forward uses batch statistics (written
     as the training forward, which for the models given here, with no dropout, is the test-time
     one: batch statistics, nothing dropped); otherwise the features are fixed, computed under
-    ``bn_mode``."""
+    ``bn_mode``. ``merged`` with transductive BatchNorm: support and query go through the network
+    as one batch, in the inner loop (the loss on the support rows) and for the query logits."""
+    joint = merged and bn_mode == "transductive"
+    ns, both = sx.shape[0], jnp.concatenate([sx, qx])
     backbone = params["backbone"]
     feats = lambda bb, x, train: models.forward(
         model, bb, state, x, train=train, bn_mode=bn_mode, rng=jax.random.PRNGKey(0)
@@ -61,7 +65,10 @@ def reference_logits(
     fixed_support = None if whole else feats(backbone, sx, False)
 
     def support_loss(f):
-        fs = feats(f["backbone"], sx, True) if whole else fixed_support
+        if joint:
+            fs = feats(f["backbone"] if whole else backbone, both, True)[:ns]
+        else:
+            fs = feats(f["backbone"], sx, True) if whole else fixed_support
         return _cross_entropy(fs @ f["head"]["w"].T + f["head"]["b"], sy)
 
     for _ in range(steps):
@@ -69,14 +76,20 @@ def reference_logits(
         if lam:
             g = jax.tree.map(lambda gi, f, s: gi + lam * (f - s), g, fast, start)
         fast = jax.tree.map(lambda f, gi: f - lr * gi, fast, g)
-    fq = feats(fast["backbone"] if whole else backbone, qx, False)
+    if joint:
+        fq = feats(fast["backbone"] if whole else backbone, both, False)[ns:]
+    else:
+        fq = feats(fast["backbone"] if whole else backbone, qx, False)
     return fq @ fast["head"]["w"].T + fast["head"]["b"]
 
 
-def check_adapt_and_predict(algorithm: str, *, whole: bool, lam: float = 0.0) -> None:
+def check_adapt_and_predict(
+    algorithm: str, *, whole: bool, lam: float = 0.0, merged: bool = False
+) -> None:
     """For both head starts and both BatchNorm modes: ``adapt_and_predict`` equals the reference
     with the test-time settings, and differs from it with the training settings, with no
-    proximal term (when ``lam``), and under the other BatchNorm mode (so each setting is seen)."""
+    proximal term (when ``lam``), under the other BatchNorm mode, and transductively with the other
+    batching of support and query (``merged``; so each setting is seen)."""
     build = importlib.import_module(f"mtl_gbml.algorithms.{algorithm}").build
     rng = np.random.default_rng(0)
     train_ways, ways = 5, 3
@@ -114,6 +127,7 @@ def check_adapt_and_predict(algorithm: str, *, whole: bool, lam: float = 0.0) ->
                 whole=whole,
                 bn_mode=bn_mode,
                 learned=learned,
+                merged=merged,
             )
 
             def ref(steps, lr, lam_, reference=reference):
@@ -125,5 +139,11 @@ def check_adapt_and_predict(algorithm: str, *, whole: bool, lam: float = 0.0) ->
             assert not np.allclose(got, ref(TRAIN["inner_steps"], TRAIN["inner_lr"], lam)), where
             if lam:
                 assert not np.allclose(got, ref(TEST["test_inner_steps"], TEST["test_inner_lr"], 0))
+            if bn_mode == "transductive":
+                other = reference(
+                    steps=TEST["test_inner_steps"], lr=TEST["test_inner_lr"], lam=lam,
+                    merged=not merged,
+                )  # fmt: skip
+                assert not np.allclose(got, np.asarray(other)), where
             results[bn_mode] = got
         assert not np.allclose(results["inductive"], results["transductive"])

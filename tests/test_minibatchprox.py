@@ -129,7 +129,7 @@ def test_test_time_adaptation_is_a_plain_loop_of_gradient_steps():
     """adapt_and_predict with test_inner_steps/test_inner_lr (not the training ones) on the
     proximal loss (+ lam/2 ||fast - start||^2), for a zero and a meta-learned head and both
     BatchNorm modes, against a Python loop over models.forward (tests/adaptation_reference.py)."""
-    check_adapt_and_predict("minibatchprox", whole=True, lam=1.5)
+    check_adapt_and_predict("minibatchprox", whole=True, lam=1.5, merged=True)
 
 
 def test_meta_loss_state_and_gradient_are_the_means_over_tasks():

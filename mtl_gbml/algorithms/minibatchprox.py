@@ -73,7 +73,7 @@ def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes:
         init=net.init,
         meta_loss=meta_loss,
         adapt_and_predict=wn.make_adapt_and_predict(
-            net, steps=a.test_inner_steps, lr=a.test_inner_lr, prox_lam=a.lam
+            net, steps=a.test_inner_steps, lr=a.test_inner_lr, prox_lam=a.lam, merged=True
         ),
         frozen_backbone=False,
     )

@@ -155,16 +155,32 @@ def gradient_descent(
     return fast
 
 
-def make_adapt_and_predict(net: Net, *, steps: int, lr: float, prox_lam: float | None = None):
+def make_adapt_and_predict(
+    net: Net, *, steps: int, lr: float, prox_lam: float | None = None, merged: bool = False
+):
     """Test-time rule: ``steps`` GD steps from the meta-parameters on the support set (proximal to
     them when ``prox_lam`` is set; the support batch's statistics, no dropout: see
-    :meth:`Net.test_support_loss`), then query logits under ``model.bn_mode``."""
+    :meth:`Net.test_support_loss`), then query logits under ``model.bn_mode``.
+
+    ``merged`` (an algorithm whose inner loop trains on support and query as one batch:
+    Meta-MinibatchProx): under transductive BatchNorm, the inner loop's support loss and the query
+    logits both come from one forward over support and query together, the batch training saw
+    (the loss on the support rows only). Under inductive BatchNorm the inner loop keeps the
+    support's own statistics, so no query image informs a prediction of another."""
 
     def adapt_and_predict(params, state, support_x, support_y, query_x, ways, rng=None):
         rng = jax.random.PRNGKey(0) if rng is None else rng  # unused by the deterministic loss
         fast0 = net.initial_fast(params, state, support_x, ways)
-        support_loss = lambda f, k: net.test_support_loss(f, state, support_x, support_y)
         prox = None if prox_lam is None else (prox_lam, fast0)
+        if merged and net.bn_mode == "transductive":
+            ns, x = support_x.shape[0], jnp.concatenate([support_x, query_x], axis=0)
+            both = lambda f: net.logits(f, state, x, train=False, bn_mode="transductive")[0]
+            support_loss = lambda f, k: cross_entropy(both(f)[:ns], support_y)
+            fast = gradient_descent(
+                support_loss, fast0, rng, steps=steps, lr=lr, first_order=True, prox=prox
+            )
+            return both(fast)[ns:]
+        support_loss = lambda f, k: net.test_support_loss(f, state, support_x, support_y)
         fast = gradient_descent(
             support_loss, fast0, rng, steps=steps, lr=lr, first_order=True, prox=prox
         )
