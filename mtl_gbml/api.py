@@ -3,6 +3,11 @@
 Images are uint8 (or bool) arrays [H, W] or [H, W, C] of any size, PIL images or file paths, as the
 raw dataset has them; they are preprocessed exactly as the dataset builder preprocessed the
 training images.
+
+A run with transductive BatchNorm (``model.bn_mode='transductive'``) normalises with the
+statistics of the images of the call, so a query's prediction depends on the other queries
+passed with it (as in the published transductive evaluations); pass a test episode's queries
+together. Inductive runs predict each query on its own.
 """
 
 from __future__ import annotations

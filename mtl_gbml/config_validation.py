@@ -68,8 +68,11 @@ def _check_setting(
 ) -> None:
     """An evaluation or validation setting (from config key ``key``) that runs on ``split``;
     ``fix``: how to lower its ways."""
-    if ways < 1 or shots < 1:
-        raise ConfigError(f"{key}: setting {setting!r} needs at least 1 way and 1 shot")
+    if ways < 2 or shots < 1:
+        raise ConfigError(
+            f"{key}: setting {setting!r} needs at least 2 ways (1-way accuracy is 100% whatever "
+            "the learner) and 1 shot"
+        )
     n_cls, n_img = split_facts(c, split)
     if ways > n_cls:
         raise ConfigError(

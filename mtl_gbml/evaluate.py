@@ -22,6 +22,7 @@ def evaluate_workdir(
     episodes: int | None = None,
     split: str | None = None,
     seed: int | None = None,
+    queries: int | None = None,
 ) -> dict:
     """Evaluate the run in ``workdir``. With ``seed`` None, the episodes are the run's own test
     episodes (its config.seed's test key), so the run's settings, episodes and split give
@@ -38,8 +39,8 @@ def evaluate_workdir(
         run.state,
         pool,
         settings,
-        episodes=episodes or c.eval.episodes,
-        queries=c.eval.queries,
+        episodes=c.eval.episodes if episodes is None else episodes,
+        queries=c.eval.queries if queries is None else queries,
         batch=c.eval.batch,
         rng=rng,
         bn_mode=c.model.bn_mode,
@@ -66,6 +67,9 @@ def main(argv=None) -> None:
     flags.DEFINE_integer(
         "episodes", None, "episodes per setting (default: the run's eval.episodes)"
     )
+    flags.DEFINE_integer(
+        "queries", None, "queries per class of each episode (default: the run's eval.queries)"
+    )
     flags.DEFINE_string("split", None, "split (default: the run's eval.split)")
     flags.DEFINE_integer(
         "seed",
@@ -82,7 +86,10 @@ def main(argv=None) -> None:
             if not F.ways or not F.shots or len(F.ways) != len(F.shots):
                 raise app.UsageError("give --ways and --shots the same number of times")
             settings = list(zip(F.ways, F.shots, strict=True))
-        out = evaluate_workdir(F.workdir, settings, F.episodes, F.split, F.seed)
+        try:
+            out = evaluate_workdir(F.workdir, settings, F.episodes, F.split, F.seed, F.queries)
+        except ValueError as e:  # a setting the split or the run cannot evaluate: say which
+            raise app.UsageError(str(e)) from e
         print(
             f"{F.workdir} ({out['params']} parameters, BatchNorm {out['bn_mode']}), split {out['split']}"
         )

@@ -276,6 +276,15 @@ def evaluate(
     progress: bool = False,
 ) -> dict[str, dict[str, float]]:
     """{'<N>way<K>shot': {'accuracy', 'ci95', 'episodes'}} for each (ways, shots) setting."""
+    for name, value in (("episodes", episodes), ("queries", queries), ("batch", batch)):
+        if value < 1:
+            raise ValueError(f"{name}={value}: evaluate at least 1 (the per-episode {name})")
+    for ways, shots in settings:
+        if ways < 2 or shots < 1:
+            raise ValueError(
+                f"{ways}-way {shots}-shot evaluation: use at least 2 ways (1-way accuracy is 100% "
+                "whatever the learner) and 1 shot"
+            )
     cached = algorithm.frozen_backbone and bn_mode == "inductive"
     feats = embed_pool(algorithm.embed, params, state, pool) if cached else None
     out = {}
@@ -285,7 +294,8 @@ def evaluate(
         if shots + queries > pool.min_per_class:
             raise ValueError(
                 f"{shots} shots + {queries} queries exceed the {pool.min_per_class} images of the "
-                "smallest class of the split; lower eval.queries"
+                "smallest class of the split; lower the shots or the queries per class "
+                "(eval.queries; the evaluate CLI's --queries)"
             )
         accs = []
         starts = range(0, episodes, batch)

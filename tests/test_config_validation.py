@@ -113,7 +113,7 @@ NO_ROT = {"data.rotations": False}  # Omniglot without rotations: val 172, test 
         ),
         (
             {"train.val_extra_settings": ("5w0s",)},
-            r"^train\.val_extra_settings: setting '5w0s' needs at least 1 way and 1 shot",
+            r"^train\.val_extra_settings: setting '5w0s' needs at least 2 ways \(1-way",
         ),
     ],
 )

@@ -293,3 +293,24 @@ def test_a_split_is_embedded_whole_classes_at_a_time_within_an_image_budget():
         assert shapes == [calls], (images, shapes)
         want = 2.0 * np.asarray(to_float(jnp.asarray(imgs))).reshape(5, per_class, -1)
         np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "settings,kw,message",
+    [
+        ([(1, 1)], {}, "1-way 1-shot evaluation: use at least 2 ways"),
+        ([(4, 0)], {}, "4-way 0-shot evaluation: use at least 2 ways .* and 1 shot"),
+        ([(4, 1)], {"episodes": 0}, "episodes=0"),
+        ([(4, 1)], {"queries": 0}, "queries=0"),
+        ([(4, 1)], {"batch": -1}, "batch=-1"),
+        ([(4, 5)], {}, r"5 shots \+ 2 queries exceed .* the evaluate CLI's --queries"),
+    ],
+)
+def test_settings_that_cannot_be_evaluated_are_named(settings, kw, message):
+    """1-way (trivially 100%), 0 shots, no episodes or queries: a ValueError naming them, where
+    they gave 100.00 +- 0.00, a ZeroDivisionError or an empty concatenation."""
+    pool, _ = _id_pool()
+    algo = Algorithm("stub", None, None, None, True, _embed, _nearest_head)
+    args = dict(episodes=4, queries=2, batch=4, rng=jax.random.PRNGKey(0), bn_mode="inductive")
+    with pytest.raises(ValueError, match=message):
+        evaluate(algo, None, None, pool, settings, **{**args, **kw})

@@ -364,6 +364,16 @@ def test_fewshot_learner_api_and_evaluate_cli(finished_run, data_dir):
     )  # fmt: skip
     assert out["eval"] == direct
     assert os.path.exists(os.path.join(workdir, "eval_val.json"))
+    # --queries reaches the episodes; --episodes 0 is refused, not read as "the default"
+    fewer = evaluate_workdir(workdir, [(5, 1)], episodes=30, split="val", seed=0, queries=2)
+    assert fewer["eval"] == evaluate(
+        run.algorithm, run.params, run.state, datasets.load_pool(c.data, "val"), [(5, 1)],
+        episodes=30, queries=2, batch=c.eval.batch, rng=jax.random.PRNGKey(0),
+        bn_mode=c.model.bn_mode,
+    )  # fmt: skip
+    assert fewer["eval"] != out["eval"]
+    with pytest.raises(ValueError, match="episodes=0"):
+        evaluate_workdir(workdir, [(5, 1)], episodes=0, split="val")
 
 
 @pytest.mark.parametrize(
