@@ -69,6 +69,7 @@ def get_config(algorithm: str = "mtl") -> ml_collections.ConfigDict:
     # at each
     c.optimizer.decay_factors = ()
     c.optimizer.grad_clip = 0.0  # global-norm clip; 0 = off
+    c.optimizer.eps = 1e-8  # adam, radam: the denominator's epsilon (optax's and torch's default)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
@@ -136,6 +137,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "algo.intercept": True,  # r2d2: the features always had a constant 1 appended
     "algo.scale_by_dim": False,  # protonet: plain negative squared distances before
     "algo.learn_scale": False,
+    "optimizer.eps": 1e-8,  # optax's default, which adam and radam always used
     "algo.bn_per_task": False,  # mtl: a step's tasks were always one BatchNorm batch
     "algo.init_scale": 1.0,  # protonet: no scale before (r2d2 and metaoptnet always had the key)
 }

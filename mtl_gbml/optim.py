@@ -46,10 +46,11 @@ def schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
 
 def make(c: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
     lr = schedule(c, total_steps)
+    eps = c.get("eps", 1e-8)
     if c.name == "adam":
-        opt = optax.adam(lr)
+        opt = optax.adam(lr, eps=eps)
     elif c.name == "radam":
-        opt = optax.radam(lr)
+        opt = optax.radam(lr, eps=eps)
     elif c.name == "sgd":
         opt = optax.sgd(lr, momentum=c.momentum, nesterov=True)
     else:

@@ -107,13 +107,14 @@ def test_sgd_nesterov_with_clip_and_weight_decay_matches_numpy(clip, wd):
             np.testing.assert_allclose(got[i][k], p[k], rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("clip,wd", [(0.0, 0.0), (3.0, 0.01)])
-def test_adam_with_clip_and_weight_decay_matches_numpy(clip, wd):
-    """Adam (b1 0.9, b2 0.999, eps 1e-8, bias-corrected) on the clipped gradient plus wd * p:
-    PyTorch's Adam(weight_decay=wd), the coupled L2 form, not AdamW."""
+@pytest.mark.parametrize("clip,wd,eps", [(0.0, 0.0, 1e-8), (3.0, 0.01, 1e-8), (0.0, 0.0, 3.0)])
+def test_adam_with_clip_and_weight_decay_matches_numpy(clip, wd, eps):
+    """Adam (b1 0.9, b2 0.999, bias-corrected, optimizer.eps) on the clipped gradient plus wd * p:
+    PyTorch's Adam(weight_decay=wd), the coupled L2 form, not AdamW. (eps 3 against gradients of
+    ~5: an eps that were not passed on would show.)"""
     params, grads = _problem(1)
-    lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-8
-    c = _config(name="adam", lr=lr, grad_clip=clip, weight_decay=wd)
+    lr, b1, b2 = 0.01, 0.9, 0.999
+    c = _config(name="adam", lr=lr, grad_clip=clip, weight_decay=wd, eps=eps)
     got = _run(c, {k: jnp.asarray(v) for k, v in params.items()}, grads)
     p = {k: v.astype(np.float64) for k, v in params.items()}
     mo = {k: np.zeros_like(v) for k, v in p.items()}
