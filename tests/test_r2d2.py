@@ -93,6 +93,16 @@ def test_initial_values_and_a_fixed_lambda():
     assert float(grads["r2d2"]["log_lambda"]) == 0.0
     assert abs(float(grads["r2d2"]["log_scale"])) > 0
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["backbone"])) > 0
+    # weight decay (the RGB recipes' 5e-4 with SGD 0.1) moves every parameter, the stored
+    # log_lambda too: the head must keep using init_lambda (it decayed 50 -> 1 in 20 epochs)
+    decayed = dict(params, r2d2=dict(params["r2d2"], log_lambda=jnp.asarray(0.0)))
+    loss = lambda p: algo.meta_loss(p, state, tasks, jax.random.PRNGKey(2))[0]
+    assert float(loss(decayed)) == float(loss(params))
+    config.algo.learn_lambda = True
+    learned = r2d2.build(BatchNormNet(), config, 10)
+    assert float(learned.meta_loss(decayed, state, tasks, jax.random.PRNGKey(2))[0]) != float(
+        loss(params)
+    )
 
 
 def run_runlocal(algorithm: str, tmp_path):

@@ -5,7 +5,8 @@ Per task: support features X [n, D] with a constant 1 appended (a regularised bi
 ``W = X^T (X X^T + lambda I)^{-1} Y`` (Woodbury form: an n x n system, cheap when n = N*K << D),
 query logits ``scale * X_q W + bias``. ``lambda``, ``scale`` and ``bias`` are meta-learned (lambda
 and scale through their logarithms, so they stay positive; ``learn_lambda=False`` keeps lambda at
-``init_lambda``, as MetaOptNet's fixed 50), and the backbone is trained by differentiating through
+``init_lambda``, as MetaOptNet's fixed 50: the config's value is used, whatever weight decay
+does to the stored parameter), and the backbone is trained by differentiating through
 the closed form. The scalar bias cancels in the softmax cross-entropy (its gradient is zero); it is
 kept for fidelity to the paper's adjust layer.
 """
@@ -68,9 +69,9 @@ def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes:
         }
 
     def head_logits(params, sf, sy, qf, ways):
-        if not a.learn_lambda:
-            r = dict(params["r2d2"], log_lambda=jax.lax.stop_gradient(params["r2d2"]["log_lambda"]))
-            params = dict(params, r2d2=r)
+        if not a.learn_lambda:  # the config's constant: weight decay moves the stored parameter
+            fixed = jnp.log(jnp.asarray(a.init_lambda, jnp.float32))
+            params = dict(params, r2d2=dict(params["r2d2"], log_lambda=fixed))
         return logits(params, sf, sy, qf, ways, a.intercept)
 
     return frozen.make(
