@@ -1,7 +1,8 @@
 """MTL (one head row per base class) on Omniglot, Vinyals split, Conv4, inductive BatchNorm.
 
 python -m mtl_gbml.train --config configs/omniglot/mtl.py --workdir runs/omniglot_mtl
-Expected: the accuracies and wall time in benchmarks/results/omniglot/mtl.json (keep in step).
+Expected: the accuracies in benchmarks/results/omniglot/mtl.json (keep in step; its wall time is
+the slower backbone's, model.block='reference' and chunk_first=0, see its mtl.config.json).
 
 Variants (``--config configs/omniglot/mtl.py:<variant>``):
 - the default is the best of the measured recipes below, ``smooth576`` (best validation 20w1s

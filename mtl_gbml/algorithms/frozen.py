@@ -1,6 +1,7 @@
 """Shared by the frozen-backbone algorithms (anil, r2d2, metaoptnet, protonet).
 
-Training: each task's images go through the backbone as one batch (vmapped over tasks, so BatchNorm
+Training: each task's images go through the backbone as one batch (ANIL: its support and its
+query as two, ``merged=False``) (vmapped over tasks, so BatchNorm
 uses the task's own batch statistics, as in an episode of the original methods); the running
 statistics are the average of the per-task updates. The per-task head is then a function of the
 task's features only, written for one task and vmapped.

@@ -9,8 +9,10 @@ The N-way head starts each task at
 - ``algo.head_init='learned'``: a meta-learned [data.ways, D] head (zero-initialised), as in the
   original MAML; a test episode with ``ways <= data.ways`` uses its first ``ways`` rows.
 
-BatchNorm: the inner loop uses the batch statistics of the task's support set (as in training
-everywhere; at test time without dropout/DropBlock, so a prediction does not depend on an rng);
+BatchNorm: the inner loop uses the batch statistics of the task's support set (Meta-MinibatchProx's
+trains on support and query as one batch, and transductively at test its support loss and query
+logits come from one forward over both: ``make_adapt_and_predict(merged=True)``; otherwise as in
+training everywhere; at test time without dropout/DropBlock, so a prediction does not depend on an rng);
 the query forward uses the task's query batch statistics in training, and at test time follows
 ``model.bn_mode`` (running statistics for 'inductive', the query batch's for 'transductive').
 Running statistics come from each task's query forward with its adapted parameters, averaged over
