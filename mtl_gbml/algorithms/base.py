@@ -76,3 +76,11 @@ def merge_support_query(tasks) -> tuple[jax.Array, jax.Array]:
 def flatten_tasks(x: jax.Array) -> jax.Array:
     """[T, n, ...] -> [T*n, ...] (one backbone batch over all tasks)."""
     return x.reshape((-1,) + x.shape[2:])
+
+
+def mean_state(states):
+    """Per-task BatchNorm states [T, ...] -> their mean (the average of the per-task updates).
+
+    A ResNet-12 with a DropBlock ramp also keeps its training-step counter there (float32, the
+    same in every task): its mean is the count itself, exactly (below 2^24 / T)."""
+    return jax.tree.map(lambda s: s.mean(0), states)

@@ -1,8 +1,8 @@
 """Shared by the frozen-backbone algorithms (anil, r2d2, metaoptnet, protonet).
 
-Training: each task's images go through the backbone as one batch (ANIL: its support and its
-query as two, ``merged=False``) (vmapped over tasks, so BatchNorm
-uses the task's own batch statistics, as in an episode of the original methods); the running
+Training: each task's images go through the backbone as one batch (ANIL's support and query as
+two, ``merged=False``), vmapped over tasks, so BatchNorm
+uses the task's own batch statistics, as in an episode of the original methods; the running
 statistics are the average of the per-task updates. The per-task head is then a function of the
 task's features only, written for one task and vmapped.
 
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_gbml import models
-from mtl_gbml.algorithms.base import Algorithm, accuracy, cross_entropy
+from mtl_gbml.algorithms.base import Algorithm, accuracy, cross_entropy, mean_state
 
 
 def task_features(model, backbone, state, tasks, rng, merged: bool = True):
@@ -42,7 +42,7 @@ def task_features(model, backbone, state, tasks, rng, merged: bool = True):
         qf, states = jax.vmap(one)(
             tasks.query_x, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
         )
-    return sf, qf, jax.tree.map(lambda s: s.mean(0), states)
+    return sf, qf, mean_state(states)
 
 
 def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, eps: float) -> jax.Array:

@@ -30,6 +30,7 @@ from mtl_gbml.algorithms.base import (
     cross_entropy,
     flatten_tasks,
     l2_normalize,
+    mean_state,
     merge_support_query,
 )
 
@@ -99,7 +100,7 @@ def build(model: nn.Module, config: ml_collections.ConfigDict, num_base_classes:
                 model, params["backbone"], state, xi, train=True, rng=k
             )
             feats, states = jax.vmap(one)(x, jax.random.split(rng, num_tasks))
-            new_state = jax.tree.map(lambda s: s.mean(0), states)
+            new_state = mean_state(states)
         else:
             feats, new_state = models.forward(
                 model, params["backbone"], state, flatten_tasks(x), train=True, rng=rng

@@ -9,10 +9,11 @@ The N-way head starts each task at
 - ``algo.head_init='learned'``: a meta-learned [data.ways, D] head (zero-initialised), as in the
   original MAML; a test episode with ``ways <= data.ways`` uses its first ``ways`` rows.
 
-BatchNorm: the inner loop uses the batch statistics of the task's support set (Meta-MinibatchProx's
-trains on support and query as one batch, and transductively at test its support loss and query
-logits come from one forward over both: ``make_adapt_and_predict(merged=True)``; otherwise as in
-training everywhere; at test time without dropout/DropBlock, so a prediction does not depend on an rng);
+BatchNorm: the inner loop uses the batch statistics of the task's support set, as in training
+everywhere (at test time without dropout/DropBlock, so a prediction does not depend on an rng);
+Meta-MinibatchProx's inner loop trains on support and query as one batch instead, and
+transductively at test its support loss and query logits come from one forward over both
+(``make_adapt_and_predict(merged=True)``);
 the query forward uses the task's query batch statistics in training, and at test time follows
 ``model.bn_mode`` (running statistics for 'inductive', the query batch's for 'transductive').
 Running statistics come from each task's query forward with its adapted parameters, averaged over
@@ -29,6 +30,7 @@ import ml_collections
 
 from mtl_gbml import models
 from mtl_gbml.algorithms.base import accuracy, cross_entropy
+from mtl_gbml.algorithms.base import mean_state as mean_state  # wn.mean_state in the algorithms
 
 HEAD_INITS = ("zeros", "learned")
 
@@ -51,14 +53,6 @@ def surrogate(value: jax.Array, direction, params) -> jax.Array:
     direction = jax.lax.stop_gradient(direction)
     offset = jax.tree.map(lambda p: p - jax.lax.stop_gradient(p), params)  # value 0, gradient 1
     return jax.lax.stop_gradient(value) + tree_vdot(direction, offset)
-
-
-def mean_state(states):
-    """Per-task BatchNorm states [T, ...] -> their mean (the average of the per-task updates).
-
-    A ResNet-12 with a DropBlock ramp also keeps its training-step counter there (float32, the
-    same in every task): its mean is the count itself, exactly (below 2^24 / T)."""
-    return jax.tree.map(lambda s: s.mean(0), states)
 
 
 class Net:
